@@ -1,0 +1,1 @@
+"""Wire contracts: .proto files, generated gRPC stubs, and the typed Python client."""

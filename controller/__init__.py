@@ -1,0 +1,1 @@
+"""Controller: HTTP and gRPC APIs, deployments, router and queues, autoscaler, scheduler, state store."""

@@ -1,0 +1,1 @@
+"""Live migration of in-flight requests between workers: protocol and cost model."""
