@@ -24,8 +24,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     Imported lazily so that a command never pays for packages it does not use.
     """
     from ember.ckpt_format.errors import CheckpointError
+    from ember.loader.errors import LoaderError
 
-    return (CheckpointError, FileNotFoundError, PermissionError)
+    return (CheckpointError, LoaderError, FileNotFoundError, PermissionError)
 
 
 def exit_with(message: str, hint: str | None = None, code: int = 1) -> None:
