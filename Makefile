@@ -19,9 +19,13 @@ services:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; }
 
+# The single-machine platform: controller, one local worker, the demo model (cold + warm call shown).
 run: install
-	$(BIN)/python -m ember.cli.demo_pipeline
+	$(BIN)/ember serve --demo
 
 test: install services
 	$(BIN)/python -m pytest -q

@@ -43,6 +43,7 @@ def _bytes_bar(console: Console) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        disable=not console.is_terminal,  # in a pipe or a log a redrawn bar is noise
     )
 
 
@@ -56,7 +57,7 @@ def convert_cmd(
     """Convert a model into the Ember checkpoint format (atomic: DST appears only when complete)."""
     from ember.ckpt_format import convert
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     started = time.perf_counter()
     with _bytes_bar(console) as bar:
         task = bar.add_task("converting", total=None)
@@ -85,7 +86,7 @@ def inspect_cmd(
     from ember.ckpt_format.checksum import verify_all
     from ember.ckpt_format.index import open_checkpoint
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     index = open_checkpoint(path)
     if verify:
         with _bytes_bar(Console(stderr=True)) as bar:
@@ -127,9 +128,12 @@ def demo_model_cmd(
     """Build a random-weight Llama model with a locally trained tokenizer (nothing is downloaded)."""
     from ember.ckpt_format.demo_model import build_demo_model
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     started = time.perf_counter()
-    with console.status(f"building the {size} demo model"):
+    if console.is_terminal:
+        with console.status(f"building the {size} demo model"):
+            out = build_demo_model(dir, size=size, seed=seed)
+    else:
         out = build_demo_model(dir, size=size, seed=seed)
     nbytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     console.print(f"[green]wrote[/] {size} demo model ({_fmt_bytes(nbytes)}) to {out} in {time.perf_counter() - started:.2f} s")

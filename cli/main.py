@@ -10,6 +10,12 @@ from __future__ import annotations
 import typer
 
 from ember.cli import checkpoint_commands
+from ember.cli import controller_commands
+from ember.cli import deploy_commands
+from ember.cli import keys_commands
+from ember.cli import migration_commands
+from ember.cli import sim_commands
+from ember.cli import worker_commands
 
 app = typer.Typer(
     name="ember",
@@ -20,6 +26,12 @@ app = typer.Typer(
 )
 
 checkpoint_commands.register(app)
+controller_commands.register(app)
+deploy_commands.register(app)
+keys_commands.register(app)
+migration_commands.register(app)
+sim_commands.register(app)
+worker_commands.register(app)
 
 
 if __name__ == "__main__":

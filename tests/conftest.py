@@ -397,25 +397,65 @@ class ControllerProcess:
             self.proc.wait(timeout=30)
 
 
+# `ember controller` requires API keys: the controllers tests launch share this admin key, and
+# EMBER_API_KEY carries it to the clients (EmberClient, the CLI) while launch_controller is in use.
+TEST_ADMIN_KEY = "ember-test-admin-key-0123456789abcdef"
+AUTH_HEADERS = {"authorization": f"Bearer {TEST_ADMIN_KEY}"}
+
+
+def authed_channel(address: str):
+    """A gRPC channel to a launched controller that sends TEST_ADMIN_KEY on every call."""
+    import grpc
+
+    class WithKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+        def _add(self, details):
+            metadata = [*(details.metadata or ()), ("authorization", f"Bearer {TEST_ADMIN_KEY}")]
+            return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+        def intercept_unary_unary(self, continuation, details, request):
+            return continuation(self._add(details), request)
+
+        def intercept_unary_stream(self, continuation, details, request):
+            return continuation(self._add(details), request)
+
+    return grpc.intercept_channel(grpc.insecure_channel(address), WithKey())
+
+
+class _Details:
+    """grpc.ClientCallDetails with other metadata (the class grpc passes is not always a namedtuple)."""
+
+    def __init__(self, details, metadata) -> None:
+        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+        self.metadata = metadata
+
+
 @pytest.fixture(scope="session")
 def launch_controller(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """Factory: launch_controller(state=None, args=[...], env={...}) starts a controller and waits for /readyz.
 
-    state defaults to a fresh SQLite file. Controllers still running at the end are stopped.
+    state defaults to a fresh SQLite file. Controllers still running at the end are stopped. They
+    take TEST_ADMIN_KEY as admin key and may read checkpoints under pytest's temporary directory.
     """
     started: list[ControllerProcess] = []
     log_dir = tmp_path_factory.mktemp("controller-logs")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EMBER_API_KEY", TEST_ADMIN_KEY)
 
     def launch(state: str | None = None, args: list[str] | None = None, env: dict[str, str] | None = None,
                timeout: float = 60.0) -> ControllerProcess:
         state = state or f"sqlite:///{tmp_path_factory.mktemp('controller-state') / 'state.db'}"
-        controller = ControllerProcess(state, log_dir, list(args or []), {**os.environ, **(env or {})})
+        args = ["--checkpoint-root", str(tmp_path_factory.getbasetemp()), *(args or [])]
+        controller = ControllerProcess(state, log_dir, args,
+                                       {"EMBER_ADMIN_KEY": TEST_ADMIN_KEY, **os.environ, **(env or {})})
         started.append(controller)
         return controller.start(timeout)
 
     yield launch
     for controller in started:
         controller.stop()
+    patch.undo()
 
 
 # ---- migration fixtures: a tiny Llama with a long context and no EOS, so greedy runs last exactly max_tokens ----
@@ -431,11 +471,12 @@ def build_migration_tokenizer():
 
 @pytest.fixture(scope="session")
 def migration_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny fp32 Llama (2 layers, GQA, 2048 positions, init std 0.2 for wide argmax margins), no EOS."""
+    """Tiny fp32 Llama (2 layers, GQA, init std 0.2 for wide argmax margins), no EOS, 8192 positions
+    (RoPE: no parameters) so a stream can run long enough to be migrated through the controller."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("migration-hf") / "tiny-llama-2k"
+    path = tmp_path_factory.mktemp("migration-hf") / "tiny-llama-8k"
     tokenizer = build_migration_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -444,7 +485,7 @@ def migration_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,
         initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=None,
@@ -463,6 +504,78 @@ def migration_checkpoint(migration_hf_dir: Path, tmp_path_factory: pytest.TempPa
     """migration_hf_dir in the Ember format (read-only)."""
     from ember.ckpt_format import convert
 
-    path = tmp_path_factory.mktemp("migration-ember") / "tiny-llama-2k.ember"
+    path = tmp_path_factory.mktemp("migration-ember") / "tiny-llama-8k.ember"
     convert(migration_hf_dir, path)
     return path
+
+
+# ---- `ember serve` processes: controller + local workers, as a user runs them ----
+
+
+class ServeProcess:
+    """One `python -m ember.cli.main serve --port 0 --grpc-port 0 …` subprocess, ready once its banner is out.
+
+    Output goes to a log file (a pipe nobody reads would fill up and stall the process)."""
+
+    def __init__(self, cache_dir: Path, log_path: Path, args: list[str], env: dict[str, str]) -> None:
+        self.cache_dir = cache_dir
+        self.log_path = log_path
+        self.args = args
+        self.env = env
+        self.url = ""
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> ServeProcess:
+        import re
+        import sys
+
+        cmd = [sys.executable, "-m", "ember.cli.main", "serve", "--port", "0", "--grpc-port", "0",
+               "--cache-dir", str(self.cache_dir), *self.args]
+        if "--checkpoint-root" not in self.args:  # checkpoints built by fixtures live under pytest's temp dir
+            cmd += ["--checkpoint-root", str(self.cache_dir.parent)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            found = re.search(r"Ember is serving on (http://\S+)", text)
+            if found and "Press Ctrl-C" in text:
+                self.url = found.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ember serve exited with {self.proc.returncode}:\n{text}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ember serve not ready after {timeout} s:\n{text}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def launch_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Factory: launch_serve(args=["--workers", "1"], env={...}) starts `ember serve` on free ports and
+    waits for its banner (workers registered). Servers still running at the end are stopped."""
+    started: list[ServeProcess] = []
+
+    def launch(args: list[str] | None = None, env: dict[str, str] | None = None,
+               timeout: float = 180.0) -> ServeProcess:
+        cache = tmp_path_factory.mktemp("serve-cache")
+        serve = ServeProcess(cache, cache / "serve.log", list(args or []), {**os.environ, **(env or {})})
+        started.append(serve)
+        return serve.start(timeout)
+
+    yield launch
+    for serve in started:
+        serve.stop()
