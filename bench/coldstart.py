@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,22 +73,6 @@ print(json.dumps({"ttft_s": time.perf_counter() - started, "ready_s": ready - st
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def drop_page_cache(path: Path) -> None:
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -121,7 +104,7 @@ class Bench:
         from ember.api.client import EmberClient
 
         self.run_dir = run_dir
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port, self.grpc_port = report.free_port(), report.free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.procs: list[Process] = []
         # `ember controller` always requires API keys: one admin key for the controller, the client
@@ -325,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
+    port = report.free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
@@ -351,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             copy = copies / f"r{rnd}"
             shutil.copytree(ember_dir, copy)
-            drop_page_cache(copy)
+            report.drop_page_cache(copy)
             measured: list[tuple[str, dict[str, Any]]] = []
             name = f"disk-{rnd}"
             bench.client.deploy(name, str(copy), keep_alive_s=600)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,12 +58,6 @@ AFTER_TOKENS = 16  # tokens read from B after it, then the request is cancelled
 GEN_ROOM = 512  # positions left for output: requests never end before they were moved and read
 LABELS = {"kv": "KV migration", "tokens": "token migration (recompute)", "auto": "cost model's choice",
           "restart": "restart from scratch"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -110,7 +103,7 @@ def build_model(root: Path, hidden: int, layers: int, max_positions: int, dtype:
 
 class Worker:
     def __init__(self, root: Path, name: str, device: str) -> None:
-        self.port = free_port()
+        self.port = report.free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = open(root / f"{name}.log", "wb")
         cache = root / f"{name}-cache"

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -117,6 +118,24 @@ def replace_section(section: str, body: str, path: Path = DOCS) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for the processes a benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drop_page_cache(path: Path) -> None:
+    """Evict a directory's files from the page cache so the next read comes from the device."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def write_json(path: Path, data: Any) -> None:

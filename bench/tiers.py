@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,23 +39,6 @@ PROMPT = "The quick brown fox"
 TIERS = ("s3", "disk", "dram")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def drop_page_cache(path: Path) -> None:
-    """Evict a directory's files from the page cache so the next read comes from the device."""
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 class Worker:
     def __init__(self, name: str, cache_dir: Path, log_dir: Path, args: list[str], device: str) -> None:
         import grpc
@@ -65,7 +47,7 @@ class Worker:
 
         self.name = name
         self.cache_dir = cache_dir
-        self.port = free_port()
+        self.port = report.free_port()
         self.log_path = log_dir / f"{name}.log"
         cmd = [sys.executable, "-m", "ember.cli.main", "worker", "--cache-dir", str(cache_dir),
                "--port", str(self.port), "--device", device, "--node-id", name, *args]
@@ -137,7 +119,7 @@ def baseline(hf_dir: Path, device: str) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    drop_page_cache(hf_dir)
+    report.drop_page_cache(hf_dir)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(hf_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -247,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
 
-    port = free_port()
+    port = report.free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     moto.start()
     os.environ.update(
@@ -295,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         worker, target_uri = target
                         if tier == "disk":
-                            drop_page_cache(worker.cache_dir / "disk")
+                            report.drop_page_cache(worker.cache_dir / "disk")
                         instance = f"{size}-{tier}-{rnd}"
                         result = worker.start_and_first_token(instance, target_uri)
                         worker.unload(instance)
