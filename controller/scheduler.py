@@ -126,7 +126,9 @@ class Scheduler:
         chosen: dict[str, NodeView] = {}
         for tier in CACHE_TIERS:
             taken = 0
-            for node_id in cluster.holders_of(model.uri, tier):
+            # Sorted so that a decision never depends on set order (string hashing differs per
+            # process): the same cluster and model give the same placement in every run.
+            for node_id in sorted(cluster.holders_of(model.uri, tier)):
                 if taken >= self.config.holder_candidates:
                     break
                 node = cluster.nodes[node_id]

@@ -164,3 +164,33 @@ def test_least_loaded_and_random_policies_share_the_interface() -> None:
 
     with pytest.raises(Exception, match="policy"):
         Scheduler(config(policy="fastest"))
+
+
+PLACE_WITH_MANY_HOLDERS = """
+from ember.controller.config import SchedulerConfig
+from ember.controller.nodes import ClusterView, NodeStatusView, TierView
+from ember.controller.scheduler import ModelInfo, Scheduler
+uri, size = "s3://models/llama", 4 * 10**9
+cluster = ClusterView()
+for i in range(40):  # more holders than holder_candidates, each reading at its own speed
+    cluster.observe(NodeStatusView(id=f"n{i:02d}", address=f"n{i:02d}:1", free_bytes=40 * 10**9,
+                                   total_bytes=80 * 10**9,
+                                   tiers={"dram": TierView(0.0, {}), "disk": TierView(1.0 + i / 10, {uri: size})},
+                                   s3_gbps=0.0), now=0)
+print(Scheduler(SchedulerConfig()).place(cluster, ModelInfo(uri=uri, size_bytes=size), now=0).node_id)
+"""
+
+
+def test_a_placement_does_not_depend_on_the_process_string_hash_seed() -> None:
+    """Set order of node ids follows string hashing, which differs per process; a controller
+    restart or a simulator run must still make the same decision for the same cluster."""
+    import os
+    import subprocess
+    import sys
+
+    chosen = {
+        subprocess.run([sys.executable, "-c", PLACE_WITH_MANY_HOLDERS], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in range(4)
+    }
+    assert len(chosen) == 1, chosen
