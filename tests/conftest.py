@@ -146,10 +146,32 @@ def backend_tokenizer():
     return build_backend_tokenizer()
 
 
+class ManagedProcess:
+    """A subprocess of ours whose output goes to a log file (shown when a test fails) and that
+    stops politely: SIGTERM, then SIGKILL after `stop_timeout_s`."""
+
+    log_path: Path
+    proc: subprocess.Popen | None
+    stop_timeout_s = 30.0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
 # ---- worker processes: real `ember worker` subprocesses on free loopback ports ----
 
 
-class WorkerProcess:
+class WorkerProcess(ManagedProcess):
     """One `python -m ember.cli.main worker …` subprocess; output goes to a log file shown on failure."""
 
     def __init__(self, cache_dir: Path, log_dir: Path, args: list[str], env: dict[str, str]) -> None:
@@ -200,18 +222,6 @@ class WorkerProcess:
                     raise RuntimeError(f"worker not healthy after {timeout} s:\n{self.log()}") from None
                 time.sleep(0.2)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -347,7 +357,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # ---- controller processes: real `ember controller` subprocesses on free loopback ports ----
 
 
-class ControllerProcess:
+class ControllerProcess(ManagedProcess):
     """One `python -m ember.cli.main controller …` subprocess; restartable on the same ports and store."""
 
     def __init__(self, state: str, log_dir: Path, args: list[str], env: dict[str, str]) -> None:
@@ -383,18 +393,6 @@ class ControllerProcess:
                 raise RuntimeError(f"controller not ready after {timeout} s:\n{self.log()}")
             time.sleep(0.1)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
 
 
 # `ember controller` requires API keys: the controllers tests launch share this admin key, and
@@ -512,7 +510,7 @@ def migration_checkpoint(migration_hf_dir: Path, tmp_path_factory: pytest.TempPa
 # ---- `ember serve` processes: controller + local workers, as a user runs them ----
 
 
-class ServeProcess:
+class ServeProcess(ManagedProcess):
     """One `python -m ember.cli.main serve --port 0 --grpc-port 0 …` subprocess, ready once its banner is out.
 
     Output goes to a log file (a pipe nobody reads would fill up and stall the process)."""
@@ -549,18 +547,7 @@ class ServeProcess:
                 raise RuntimeError(f"ember serve not ready after {timeout} s:\n{text}")
             time.sleep(0.2)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-20000:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+    stop_timeout_s = 60.0  # it stops its workers first
 
 
 @pytest.fixture(scope="session")
