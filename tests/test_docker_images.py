@@ -170,6 +170,12 @@ CHART_VALUE_SETS = {
     "default": {},
     "cpu-only": {"worker": {"gpus": 0}, "controller": {"watchNodes": False}},
     "multi-gpu": {"worker": {"gpus": 8, "dramCacheGB": 0.5}},
+    "hardened": {"controller": {
+        "tls": {"enabled": True, "secretName": "ember-tls"},
+        "checkpointRoots": [{"path": "/models", "volume": {"persistentVolumeClaim": {"claimName": "models"}}}],
+        "allowedBuckets": ["models"],
+        "limits": {"maxBodyBytes": 1048576, "maxTokens": 4096, "rateLimit": 0.5, "burst": 2, "maxStreamsPerKey": 2},
+    }},
 }
 
 
@@ -201,6 +207,9 @@ def test_chart_uses_the_documented_flags(chart_command_lines: dict[str, list[str
     for argv in chart_command_lines.values():
         used[argv[0]] |= {t.split("=")[0] for t in argv if t.startswith("--")}
     assert used["controller"] == {"--host", "--port", "--grpc-port", "--state",
-                                  "--deployments-file", "--kubernetes", "--admin-key-file"}
+                                  "--deployments-file", "--kubernetes", "--admin-key-file",
+                                  "--tls-cert", "--tls-key", "--checkpoint-root", "--allowed-bucket",
+                                  "--max-body-bytes", "--max-tokens-cap", "--rate-limit", "--burst",
+                                  "--max-streams-per-key"}
     assert used["worker"] == {"--controller", "--host", "--port", "--advertise-address", "--node-id", "--cache-dir",
                               "--disk-cache-gb", "--dram-cache-gb", "--device", "--metrics-port"}

@@ -79,6 +79,37 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "controller": {"watchNodes": False},
         "redis": {"password": "a-fixed-password-0123456789"},
     },
+    "hardened": {
+        "controller": {
+            "tls": {"enabled": True, "secretName": "ember-controller-tls"},
+            "checkpointRoots": [
+                {"path": "/models",
+                 "volume": {"persistentVolumeClaim": {"claimName": "shared-models", "readOnly": True}}},
+                {"path": "/mnt/nfs/checkpoints",
+                 "volume": {"nfs": {"server": "nfs.storage.internal", "path": "/exports/ckpt", "readOnly": True}}},
+            ],
+            "allowedBuckets": ["models", "team-a.checkpoints"],
+            "limits": {"maxBodyBytes": 8388608, "maxTokens": 4096, "rateLimit": 2.5, "burst": 10,
+                       "maxStreamsPerKey": 4},
+        },
+        "deployments": [
+            {"name": "llama-8b", "checkpoint": "s3://models/llama-3.1-8b.ember", "max_instances": 4},
+            {"name": "tiny-local", "checkpoint": "/models/tiny.ember"},
+            {"name": "nfs-file-uri", "checkpoint": "file:///mnt/nfs/checkpoints/qwen.ember"},
+        ],
+        "ingress": {
+            "enabled": True,
+            "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": "HTTPS"},
+            "hosts": [{"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}],
+        },
+        "monitoring": {"serviceMonitor": {"enabled": True}},
+    },
+    "tls-self-signed": {
+        # `kubectl create secret tls` holds no ca.crt: the workers trust the certificate itself.
+        "controller": {"tls": {"enabled": True, "secretName": "ember-self-signed", "ca": {"key": "tls.crt"}},
+                       "limits": {"maxTokens": 2048}},
+        "worker": {"gpus": 0, "nodeSelector": {"nvidia.com/gpu.present": None}, "cache": {"type": "emptyDir"}},
+    },
 }
 
 
@@ -180,7 +211,15 @@ def check_service_monitor_shape(obj: dict, objects: list[dict]) -> None:
                 if spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
     assert services, f"ServiceMonitor {obj['metadata']['name']} selects no Service"
     for endpoint in spec["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scheme", "relabelings", "metricRelabelings"}
+        assert set(endpoint) <= {"port", "path", "interval", "scheme", "tlsConfig", "relabelings", "metricRelabelings"}
+        if "tlsConfig" in endpoint:
+            # Prometheus checks the controller's certificate against the CA the workers trust, by
+            # the Service name the certificate must carry anyway.
+            assert endpoint["scheme"] == "https"
+            tls = endpoint["tlsConfig"]
+            assert set(tls) == {"ca", "serverName"} and set(tls["ca"]) == {"secret"}
+            assert set(tls["ca"]["secret"]) == {"name", "key"}
+            assert tls["serverName"] == f"{obj['metadata']['name']}.{NAMESPACE}.svc"
         assert re.fullmatch(r"([0-9]+(ms|s|m|h))+", endpoint["interval"])
         assert endpoint["path"] == "/metrics"
         for service in services:
@@ -504,6 +543,25 @@ BAD_VALUES = [
     ({"deployments": [{"name": "tiny"}]}, ["/deployments/0", "checkpoint"]),
     ({"deployments": [{"name": "tiny", "checkpoint": "s3://m/t", "max_instance": 3}]}, ["/deployments/0", "max_instance"]),
     ({"securityContext": {"runAsUser": 0}}, ["/securityContext/runAsUser", "minimum"]),
+    ({"controller": {"tls": {"enable": True}}}, ["/controller/tls", "enable"]),
+    ({"controller": {"tls": {"enabled": "yes"}}}, ["/controller/tls/enabled", "boolean"]),
+    ({"controller": {"tls": {"enabled": True, "secretName": "My TLS"}}}, ["/controller/tls/secretName", "pattern"]),
+    ({"controller": {"checkpointRoots": ["/models"]}}, ["/controller/checkpointRoots/0", "object"]),
+    ({"controller": {"checkpointRoots": [{"path": "models", "volume": {"emptyDir": {}}}]}},
+     ["/controller/checkpointRoots/0/path", "'models' does not match pattern"]),
+    ({"controller": {"checkpointRoots": [{"path": "/models/", "volume": {"emptyDir": {}}}]}},
+     ["/controller/checkpointRoots/0/path"]),
+    ({"controller": {"checkpointRoots": [{"path": "/", "volume": {"emptyDir": {}}}]}},
+     ["/controller/checkpointRoots/0/path"]),
+    ({"controller": {"checkpointRoots": [{"path": "/models"}]}}, ["/controller/checkpointRoots/0", "volume"]),
+    ({"controller": {"allowedBuckets": ["My_Bucket"]}}, ["/controller/allowedBuckets/0", "'My_Bucket' does not match"]),
+    ({"controller": {"allowedBuckets": ["models/prefix"]}}, ["/controller/allowedBuckets/0", "does not match"]),
+    ({"controller": {"allowedBuckets": ["s3://models"]}}, ["/controller/allowedBuckets/0", "does not match"]),
+    ({"controller": {"allowedBuckets": "models"}}, ["/controller/allowedBuckets", "array"]),
+    ({"controller": {"limits": {"maxBodyBytes": 0}}}, ["/controller/limits/maxBodyBytes", "minimum"]),
+    ({"controller": {"limits": {"maxTokens": "lots"}}}, ["/controller/limits/maxTokens"]),
+    ({"controller": {"limits": {"rateLimit": 0}}}, ["/controller/limits/rateLimit", "exclusiveMinimum"]),
+    ({"controller": {"limits": {"maxStreams": 4}}}, ["/controller/limits", "maxStreams"]),
 ]
 
 
@@ -531,6 +589,18 @@ BAD_COMBINATIONS = [
     ({"s3": {"accessKeyId": "AKIA0000"}}, "go together"),
     ({"s3": {"existingSecret": "x", "accessKeyId": "a", "secretAccessKey": "b"}}, "use one or the other"),
     ({"worker": {"cache": {"type": "localPVC"}}}, "storageClassName is empty"),
+    ({"controller": {"tls": {"enabled": True}}}, "controller.tls.secretName is empty: name a Secret of type kubernetes.io/tls"),
+    ({"controller": {"limits": {"burst": 20}}}, "burst is set but controller.limits.rateLimit is not"),
+    ({"controller": {"checkpointRoots": [{"path": "/models/../etc", "volume": {"emptyDir": {}}}]}},
+     "has a '.' or '..' segment"),
+    ({"controller": {"checkpointRoots": [{"path": "/etc", "volume": {"emptyDir": {}}}]}}, "overlaps /etc"),
+    ({"controller": {"checkpointRoots": [{"path": "/var/cache", "volume": {"emptyDir": {}}}]}},
+     "overlaps /var/cache/ember"),
+    ({"controller": {"checkpointRoots": [{"path": "/models", "volume": {"emptyDir": {}}},
+                                         {"path": "/models", "volume": {"emptyDir": {}}}]}}, "lists \"/models\" twice"),
+    ({"deployments": [{"name": "tiny", "checkpoint": "/models/tiny.ember"}]}, "under none of controller.checkpointRoots"),
+    ({"controller": {"allowedBuckets": ["models"]}, "deployments": [{"name": "t", "checkpoint": "s3://other/t"}]},
+     "does not list"),
 ]
 
 
@@ -539,3 +609,158 @@ def test_inconsistent_values_fail_with_a_message(values: dict, message: str) -> 
     with helm.Chart.load(str(CHART)) as chart:
         with pytest.raises(helm.HelmError, match=message):
             chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# ---- TLS, checkpoint restrictions and limits -----------------------------------------------------
+
+
+def parse_controller_args(args: list[str]) -> dict[str, Any]:
+    """The controller's container args parsed by the real `ember controller` command (not run)."""
+    import typer
+
+    from ember.cli.main import app
+
+    assert args[0] == "controller"
+    command = typer.main.get_command(app).commands["controller"]
+    return command.make_context("controller", list(args[1:])).params
+
+
+def volume(workload: dict, name: str) -> dict:
+    return next(v for v in pod_spec(workload)["volumes"] if v["name"] == name)
+
+
+def mount(cont: dict, name: str) -> dict:
+    return next(m for m in cont["volumeMounts"] if m["name"] == name)
+
+
+def test_tls_mounts_the_secret_and_serves_probes_over_https(rendered: dict) -> None:
+    objects = rendered["hardened"]
+    c = container(controller(objects), "controller")
+    params = parse_controller_args(c["args"])
+    tls_volume = volume(controller(objects), "tls")
+    assert tls_volume["secret"]["secretName"] == "ember-controller-tls"
+    # Readable by the container's group (fsGroup) only, not by the world.
+    assert tls_volume["secret"]["defaultMode"] == 0o440
+    files = {item["key"]: item["path"] for item in tls_volume["secret"]["items"]}
+    tls_mount = mount(c, "tls")
+    assert tls_mount["readOnly"] is True
+    assert str(params["tls_cert"]) == f"{tls_mount['mountPath']}/{files['tls.crt']}"
+    assert str(params["tls_key"]) == f"{tls_mount['mountPath']}/{files['tls.key']}"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS", probe
+        assert c[probe]["httpGet"]["port"] == "http"
+    # Without TLS: plain HTTP probes and no certificate anywhere.
+    plain = container(controller(rendered["default"]), "controller")
+    assert all("scheme" not in plain[p]["httpGet"] for p in ("startupProbe", "livenessProbe", "readinessProbe"))
+    assert "--tls-cert" not in plain["args"] and "tls" not in {v["name"] for v in pod_spec(controller(rendered["default"]))["volumes"]}
+
+
+def test_workers_trust_the_controller_ca_under_the_name_they_dial(rendered: dict) -> None:
+    for value_set, ca_key in (("hardened", "ca.crt"), ("tls-self-signed", "tls.crt")):
+        objects = rendered[value_set]
+        w = container(worker(objects), "worker")
+        ca_volume = volume(worker(objects), "controller-ca")["secret"]
+        secret = VALUE_SETS[value_set]["controller"]["tls"]["secretName"]
+        # Only the CA (or the self-signed certificate): the private key never reaches a worker.
+        assert ca_volume == {"secretName": secret, "items": [{"key": ca_key, "path": "ca.crt"}]}
+        ca_mount = mount(w, "controller-ca")
+        assert ca_mount["readOnly"] is True
+        assert env_of(w)["EMBER_CONTROLLER_CA"]["value"] == f"{ca_mount['mountPath']}/ca.crt"
+        # gRPC checks the certificate against the host in --controller: the Service's DNS name.
+        args = w["args"]
+        host = args[args.index("--controller") + 1].rsplit(":", 1)[0]
+        assert host == f"{RELEASE}-controller.{NAMESPACE}.svc"
+    plain = container(worker(rendered["default"]), "worker")
+    assert "EMBER_CONTROLLER_CA" not in env_of(plain)
+    assert "controller-ca" not in {m["name"] for m in plain["volumeMounts"]}
+
+
+def test_the_ca_may_come_from_its_own_secret() -> None:
+    objects = render({"controller": {"tls": {"enabled": True, "secretName": "ember-tls",
+                                             "ca": {"secretName": "corp-root-ca", "key": "root.pem"}}},
+                      "monitoring": {"serviceMonitor": {"enabled": True}}})
+    assert volume(worker(objects), "controller-ca")["secret"]["secretName"] == "corp-root-ca"
+    assert volume(controller(objects), "tls")["secret"]["secretName"] == "ember-tls"
+    monitor = one(objects, "ServiceMonitor", f"{RELEASE}-controller")
+    assert monitor["spec"]["endpoints"][0]["tlsConfig"]["ca"] == {"secret": {"name": "corp-root-ca", "key": "root.pem"}}
+
+
+def test_checkpoint_roots_are_flags_and_mounted_read_only_in_controller_and_workers(rendered: dict) -> None:
+    objects = rendered["hardened"]
+    roots = VALUE_SETS["hardened"]["controller"]["checkpointRoots"]
+    params = parse_controller_args(container(controller(objects), "controller")["args"])
+    assert [str(p) for p in params["checkpoint_root"]] == [r["path"] for r in roots]
+    # The controller checks a checkpoint under the path a worker then loads it from: both pods
+    # mount every root at the same path from the same volume source.
+    for workload in (controller(objects), worker(objects)):
+        cont = pod_spec(workload)["containers"][0]
+        mounted = {m["mountPath"]: m for m in cont["volumeMounts"]}
+        for root in roots:
+            m = mounted[root["path"]]
+            assert m["readOnly"] is True
+            source = {k: v for k, v in volume(workload, m["name"]).items() if k != "name"}
+            assert source == root["volume"], workload["metadata"]["name"]
+    for value_set in ("default", "tls-self-signed"):
+        assert parse_controller_args(container(controller(rendered[value_set]), "controller")["args"])["checkpoint_root"] == []
+
+
+def test_buckets_and_limits_become_the_controller_configuration(rendered: dict) -> None:
+    from ember.cli.controller_commands import _limits
+
+    params = parse_controller_args(container(controller(rendered["hardened"]), "controller")["args"])
+    assert params["allowed_bucket"] == ["models", "team-a.checkpoints"]
+    limits = _limits(params["max_body_bytes"], params["max_tokens_cap"], params["rate_limit"], params["burst"],
+                     params["max_streams_per_key"])
+    limits.validate()
+    assert (limits.max_body_bytes, limits.max_tokens, limits.rate_per_s, limits.burst, limits.max_streams_per_key) == (
+        8388608, 4096, 2.5, 10, 4)
+    # Unset limits pass no flag: the controller's own defaults apply.
+    default = container(controller(rendered["default"]), "controller")["args"]
+    limit_flags = {"--max-body-bytes", "--max-tokens-cap", "--rate-limit", "--burst", "--max-streams-per-key",
+                   "--allowed-bucket", "--checkpoint-root"}
+    assert not limit_flags & set(default)
+    self_signed = container(controller(rendered["tls-self-signed"]), "controller")["args"]
+    assert limit_flags & set(self_signed) == {"--max-tokens-cap"}
+    assert not parse_controller_args(default)["allowed_bucket"]  # `ember controller` then admits any bucket
+
+
+CANDIDATE_CHECKPOINTS = [
+    "/models/llama.ember", "/models", "/models-old/llama.ember", "/mnt/nfs/checkpoints/a/b.ember",
+    "/mnt/nfs/other.ember", "/etc/passwd", "file:///models/x.ember", "file:///var/lib/x.ember", "relative/x.ember",
+    "s3://models/x.ember", "s3://team-a.checkpoints/y", "s3://other-bucket/z", "s3://models",
+]
+
+
+@pytest.mark.parametrize("checkpoint", CANDIDATE_CHECKPOINTS)
+def test_chart_admits_exactly_the_deployments_the_controller_admits(checkpoint: str) -> None:
+    """A deployment the controller would refuse (403) fails the install, rather than being logged
+    and skipped at every start; one it accepts renders."""
+    from ember.controller.checkpoint_policy import CheckpointForbidden, CheckpointPolicy
+
+    controller_values = {k: VALUE_SETS["hardened"]["controller"][k] for k in ("checkpointRoots", "allowedBuckets")}
+    policy = CheckpointPolicy([Path(r["path"]) for r in controller_values["checkpointRoots"]],
+                              controller_values["allowedBuckets"])
+    try:
+        policy.check(checkpoint)
+        admitted = True
+    except CheckpointForbidden:
+        admitted = False
+    values = {"controller": controller_values, "deployments": [{"name": "m", "checkpoint": checkpoint}]}
+    if admitted:
+        render(values)
+    else:
+        with pytest.raises(helm.HelmError, match="controller.(checkpointRoots|allowedBuckets)"):
+            render(values)
+
+
+def test_the_documented_hardened_example_renders_valid_objects() -> None:
+    """docs/kubernetes.md's hardened-values.yaml is what users copy: it must install as written."""
+    text = (CHART.parent.parent / "docs" / "kubernetes.md").read_text()
+    match = re.search(r"```yaml\n(# hardened-values\.yaml\n.*?)```", text, re.DOTALL)
+    assert match, "docs/kubernetes.md lost its hardened-values.yaml example"
+    objects = render(yaml.safe_load(match.group(1)))
+    for obj in objects:
+        if not obj["apiVersion"].startswith(CRD_API_GROUPS):
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    args = container(controller(objects), "controller")["args"]
+    assert {"--tls-cert", "--checkpoint-root", "--allowed-bucket", "--rate-limit"} <= set(args)

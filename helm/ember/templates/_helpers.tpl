@@ -177,4 +177,84 @@ seccompProfile:
 {{- if and (eq .Values.worker.cache.type "localPVC") (not .Values.worker.cache.localPVC.storageClassName) }}
 {{- fail "worker.cache.type is localPVC but worker.cache.localPVC.storageClassName is empty: name a StorageClass that provisions node-local volumes" }}
 {{- end }}
+{{- include "ember.validateController" . }}
+{{- end }}
+
+{{/* TLS, limits, checkpoint roots and the deployments they must admit. */}}
+{{- define "ember.validateController" -}}
+{{- $c := .Values.controller }}
+{{- if and $c.tls.enabled (not $c.tls.secretName) }}
+{{- fail "controller.tls.enabled is true but controller.tls.secretName is empty: name a Secret of type kubernetes.io/tls holding tls.crt and tls.key (cert-manager's Certificate makes one)" }}
+{{- end }}
+{{- if and (not (kindIs "invalid" $c.limits.burst)) (kindIs "invalid" $c.limits.rateLimit) }}
+{{- fail "controller.limits.burst is set but controller.limits.rateLimit is not: a burst only shapes a rate limit; set rateLimit (requests/s per API key) too, or drop burst" }}
+{{- end }}
+{{- /* Directories of the images and the chart's own mounts: a root over or under one would hide it. */}}
+{{- $reserved := list "/bin" "/dev" "/etc" "/lib" "/lib64" "/opt/venv" "/proc" "/sbin" "/sys" "/tmp" "/usr" "/var/cache/ember" }}
+{{- $seen := list }}
+{{- range $i, $root := $c.checkpointRoots }}
+{{- $path := $root.path }}
+{{- if regexMatch "(^|/)[.][.]?(/|$)" $path }}
+{{- fail (printf "controller.checkpointRoots[%d].path %q has a '.' or '..' segment: give the directory's plain absolute path" $i $path) }}
+{{- end }}
+{{- range $reserved }}
+{{- if or (eq $path .) (hasPrefix (printf "%s/" .) $path) (hasPrefix (printf "%s/" $path) .) }}
+{{- fail (printf "controller.checkpointRoots[%d].path %q overlaps %s, which the containers need: mount the checkpoints elsewhere, e.g. /models" $i $path .) }}
+{{- end }}
+{{- end }}
+{{- if has $path $seen }}
+{{- fail (printf "controller.checkpointRoots lists %q twice: each root is one mount, list it once" $path) }}
+{{- end }}
+{{- $seen = append $seen $path }}
+{{- end }}
+{{- /* Deployments the controller would refuse (403) at start: it would only log them and go on. */}}
+{{- range .Values.deployments }}
+{{- $uri := .checkpoint }}
+{{- if hasPrefix "s3://" $uri }}
+{{- $bucket := index (splitList "/" (trimPrefix "s3://" $uri)) 0 }}
+{{- if and $c.allowedBuckets (not (has $bucket $c.allowedBuckets)) }}
+{{- fail (printf "deployment %s reads bucket %q, which controller.allowedBuckets does not list: add it there" .name $bucket) }}
+{{- end }}
+{{- else if or (not (contains "://" $uri)) (hasPrefix "file://" $uri) }}
+{{- $local := trimPrefix "file://" $uri }}
+{{- $admitted := false }}
+{{- range $c.checkpointRoots }}
+{{- if or (eq $local .path) (hasPrefix (printf "%s/" .path) $local) }}
+{{- $admitted = true }}
+{{- end }}
+{{- end }}
+{{- if not $admitted }}
+{{- fail (printf "deployment %s reads %s, which is under none of controller.checkpointRoots: add the directory holding it there (with the volume it comes from), or use an s3:// checkpoint" .name $local) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Checkpoint roots and TLS ------------------------------------------------------------ */}}
+
+{{/* Every checkpoint root is mounted read-only at the same path in the controller and in the
+workers: the controller checks a checkpoint under the path a worker then loads it from. */}}
+{{- define "ember.checkpointRootMounts" -}}
+{{- range $i, $root := .Values.controller.checkpointRoots }}
+- name: {{ printf "checkpoints-%d" $i }}
+  mountPath: {{ $root.path | quote }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "ember.checkpointRootVolumes" -}}
+{{- range $i, $root := .Values.controller.checkpointRoots }}
+- name: {{ printf "checkpoints-%d" $i }}
+  {{- toYaml $root.volume | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the PEM that the controller's certificate chains to, and its key. */}}
+{{- define "ember.controllerCASecretName" -}}
+{{- default .Values.controller.tls.secretName .Values.controller.tls.ca.secretName }}
+{{- end }}
+
+{{/* The name workers dial (and the certificate must carry): the controller Service's DNS name. */}}
+{{- define "ember.controllerServiceHost" -}}
+{{- printf "%s-controller.%s.svc" (include "ember.fullname" .) .Release.Namespace }}
 {{- end }}
