@@ -6,6 +6,19 @@ anonymous mmap (always page-aligned) whose pages are faulted in bulk, chunk by c
 reader thread that is about to fill them (`madvise(MADV_POPULATE_WRITE)`, which releases the GIL
 through ctypes), so page zeroing overlaps other threads' I/O instead of running serially up front.
 
+Huge pages. Buffers of 2 MiB or more can be 2 MiB-aligned and asked for transparent huge pages
+(`MADV_HUGEPAGE`). Measured on the 2-core VM (2026-11-24): faulting them in is 3.4x faster when
+the memory is already backed by the hypervisor (11.6-12.2 vs 3.4-3.6 GB/s for 2 GiB), but slower
+when the guest reports freed memory to the host (virtio-balloon free page reporting, as on
+Firecracker): reported memory goes back in 2 MiB blocks, so a fresh huge page is always a
+hypervisor fault while 4 KiB pages often reuse small blocks the host still backs (fresh 2 GB
+loads, 6 interleaved rounds: 1.28 GB/s median with huge pages, 1.64 with 4 KiB pages). O_DIRECT
+reads into touched huge pages were as fast or faster than into touched 4 KiB pages
+(2.82 vs 2.69 GB/s in one run, 3.06 vs 1.59 in another).
+So long-lived, reused buffers (the DRAM pool) always ask for huge pages, and one-shot
+destinations do unless free page reporting is active. EMBER_LOADER_HUGEPAGES=1 or 0 forces it
+either way (0 also for nodes where THP compaction stalls hurt).
+
 When CUDA is present a buffer can be page-locked chunk by chunk (`cudaHostRegister`) so
 host-to-device copies run asynchronously at full PCIe speed. The ranges are unregistered when the
 last tensor viewing the buffer dies: the buffer's memory is owned by a ctypes array with a
@@ -23,6 +36,8 @@ from typing import Any
 
 PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL and we touch pages instead.
+_MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
@@ -40,6 +55,51 @@ def available_host_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+_VIRTIO_BALLOON = 0x0005
+_BALLOON_F_REPORTING = 5  # feature bit: the guest tells the host which pages it freed
+
+
+def free_page_reporting(devices: str = "/sys/bus/virtio/devices") -> bool:
+    """Whether a virtio balloon with free page reporting is attached (freed memory goes back to
+    the host, so fresh huge pages cost a hypervisor fault each)."""
+    try:
+        entries = os.listdir(devices)
+    except OSError:
+        return False
+    for name in entries:
+        try:
+            with open(os.path.join(devices, name, "device"), encoding="ascii") as f:
+                if int(f.read().strip(), 16) != _VIRTIO_BALLOON:
+                    continue
+            with open(os.path.join(devices, name, "features"), encoding="ascii") as f:
+                bits = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if len(bits) > _BALLOON_F_REPORTING and bits[_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
+def use_hugepages(long_lived: bool) -> bool:
+    """EMBER_LOADER_HUGEPAGES=1/0 decides; otherwise huge pages for long-lived buffers always and
+    for one-shot ones unless free page reporting makes fresh huge pages slow (module docstring)."""
+    raw = os.environ.get("EMBER_LOADER_HUGEPAGES", "").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    return long_lived or not _reporting()
+
+
+_reporting_cache: list[bool] = []
+
+
+def _reporting() -> bool:
+    if not _reporting_cache:
+        _reporting_cache.append(free_page_reporting())
+    return _reporting_cache[0]
 
 
 def prefault(address: int, nbytes: int) -> None:
@@ -93,25 +153,34 @@ def _array_type(kind: str, nbytes: int) -> type:
 
 
 class HostBuffer:
-    """`nbytes` of page-aligned anonymous memory; `tensor` is a uint8 view that keeps it alive."""
+    """`nbytes` of page-aligned anonymous memory; `tensor` is a uint8 view that keeps it alive.
 
-    def __init__(self, nbytes: int, *, populate: bool = False, pin: bool = False) -> None:
+    long_lived: the buffer will be filled many times (a DRAM-pool slab, a staging ring), which
+    decides whether it gets huge pages (see use_hugepages)."""
+
+    def __init__(self, nbytes: int, *, populate: bool = False, pin: bool = False, long_lived: bool = False) -> None:
         if nbytes < 0:
             raise ValueError(f"buffer size must be >= 0, got {nbytes}")
         self.nbytes = nbytes
         self.pin = pin
-        mapped = max(nbytes, PAGE)
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        if populate:
-            flags |= mmap.MAP_POPULATE
-        mm = mmap.mmap(-1, mapped, flags=flags)
+        mapped = max(-(-nbytes // PAGE) * PAGE, PAGE)
+        huge = nbytes >= HUGE_PAGE and use_hugepages(long_lived)
+        # Huge pages need 2 MiB-aligned extents: over-map by 2 MiB and start at the aligned offset.
+        mm = mmap.mmap(-1, mapped + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        skew = 0
+        if huge:
+            base = ctypes.addressof(ctypes.c_uint8.from_buffer(mm))
+            skew = (-base) % HUGE_PAGE
+            _libc.madvise(base + skew, mapped, _MADV_HUGEPAGE)  # advice only: EINVAL is harmless
         # The owner is the only holder of the mapping: when it dies (no tensor left) the pages go.
         self._mapped = mapped
-        self._owner = _array_type("owner", mapped).from_buffer(mm)
+        self._owner = _array_type("owner", mapped).from_buffer(mm, skew)
         self._owner.registered = {}  # start -> end of each cudaHostRegister'ed range
         self._lock = threading.Lock()
         self.address = ctypes.addressof(self._owner)
         self._tensor = None
+        if populate:
+            prefault(self.address, mapped)
 
     @property
     def tensor(self):

@@ -17,7 +17,7 @@ import torch
 from ember.ckpt_format.reader import read_state_dict
 from ember.loader import InsufficientMemoryError, last_load_stats, load_state_dict
 from ember.loader.direct_io import open_partition
-from ember.loader.hostmem import HostBuffer, available_host_memory
+from ember.loader.hostmem import HostBuffer, available_host_memory, free_page_reporting
 
 
 def fs_type(path: Path) -> str:
@@ -153,3 +153,46 @@ def test_host_buffer_is_page_aligned_and_prefaults():
     assert bytes(buf.tensor[4096:4100].numpy()) == b"abcd"
     assert buf.tensor.numel() == 3 * 4096 + 5
     assert list(buf.pinned_pieces(0, buf.nbytes)) == [(0, buf.nbytes)]
+
+
+def _vma_flags(address: int) -> str:
+    """The VmFlags line of the mapping holding `address`, from /proc/self/smaps."""
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            current = lo <= address < hi
+        elif current and line.startswith("VmFlags:"):
+            return line
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_huge_pages_for_long_lived_buffers_and_on_request(monkeypatch):
+    monkeypatch.delenv("EMBER_LOADER_HUGEPAGES", raising=False)
+    slab = HostBuffer(5 << 20, long_lived=True)  # a pool slab: huge pages whatever the host does
+    assert slab.address % (2 << 20) == 0
+    assert " hg" in _vma_flags(slab.address)  # MADV_HUGEPAGE took
+    slab.view(slab.nbytes - 4, slab.nbytes)[:] = b"tail"
+    assert bytes(slab.tensor[-4:].numpy()) == b"tail"
+    assert " hg" not in _vma_flags(HostBuffer(64 << 10, long_lived=True).address)  # under one huge page
+    monkeypatch.setenv("EMBER_LOADER_HUGEPAGES", "1")
+    assert " hg" in _vma_flags(HostBuffer(5 << 20).address)
+    monkeypatch.setenv("EMBER_LOADER_HUGEPAGES", "0")
+    assert " hg" not in _vma_flags(HostBuffer(5 << 20, long_lived=True).address)
+
+
+def _virtio_device(root: Path, name: str, device: int, features: str) -> None:
+    (root / name).mkdir()
+    (root / name / "device").write_text(f"0x{device:04x}\n")
+    (root / name / "features").write_text(features + "\n")
+
+
+def test_free_page_reporting_is_read_from_the_balloon_features(tmp_path):
+    assert not free_page_reporting(str(tmp_path / "absent"))
+    _virtio_device(tmp_path, "virtio0", 0x0002, "0000011" + "0" * 57)  # a disk: bit 5 means nothing
+    assert not free_page_reporting(str(tmp_path))
+    _virtio_device(tmp_path, "virtio1", 0x0005, "0110000" + "0" * 57)  # balloon without reporting
+    assert not free_page_reporting(str(tmp_path))
+    _virtio_device(tmp_path, "virtio2", 0x0005, "0110010" + "0" * 57)  # bit 5: free page reporting
+    assert free_page_reporting(str(tmp_path))
