@@ -32,12 +32,25 @@ def worker(
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
+    s3_connect_timeout: float = typer.Option(
+        5.0, "--s3-connect-timeout", envvar="EMBER_S3_CONNECT_TIMEOUT",
+        help="Seconds to wait for a connection to S3 before retrying.",
+    ),
+    s3_read_timeout: float = typer.Option(
+        30.0, "--s3-read-timeout", envvar="EMBER_S3_READ_TIMEOUT",
+        help="Seconds S3 may stay silent (before an answer, or mid-download) before the read is retried.",
+    ),
+    s3_max_attempts: int = typer.Option(
+        3, "--s3-max-attempts", envvar="EMBER_S3_MAX_ATTEMPTS",
+        help="Attempts per S3 request or download range (with backoff) before the load fails.",
+    ),
 ) -> None:
     """Run a worker: serves ember.v1.Worker, registers with the controller, reports its tiers.
 
     EMBER_WORKER_TOKEN, when set, is required from callers as 'authorization: Bearer <token>'
     and sent to the controller. S3 endpoint and credentials come from the standard AWS
-    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …).
+    environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …); every S3 call is bounded by the
+    --s3-* timeouts and attempts, so a stalled store fails a load with a clear error.
     """
     from ember.worker.config import WorkerConfig
     from ember.worker.server import run
@@ -53,6 +66,9 @@ def worker(
         dram_cache_gb=dram_cache_gb,
         device=device,
         metrics_port=metrics_port,
+        s3_connect_timeout_s=s3_connect_timeout,
+        s3_read_timeout_s=s3_read_timeout,
+        s3_max_attempts=s3_max_attempts,
     )
     config.validate()
     run(config)

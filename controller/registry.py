@@ -29,7 +29,13 @@ if TYPE_CHECKING:  # checkpoint_policy imports canonical_uri from here
     from ember.controller.checkpoint_policy import CheckpointPolicy
 
 INDEX_FILE = "ember.json"
-S3_TIMEOUT_S = 10.0
+# The deploy-time check reads one small object while an API caller waits, so it is bounded tighter
+# than a worker's download (ember.worker.s3_source.S3Settings, which the controller cannot import):
+# the same 5 s connect timeout and botocore standard retries (3 attempts, backoff with jitter), and
+# 10 s of silence at most per attempt instead of botocore's 60 s default.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 10.0
+S3_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -96,9 +102,10 @@ def _check_s3(uri: str) -> int:
     bucket, prefix = parsed.netloc, parsed.path.strip("/")
     key = f"{prefix}/{INDEX_FILE}" if prefix else INDEX_FILE
     where = f"s3://{bucket}/{key}"
-    client = boto3.client(
-        "s3", config=Config(connect_timeout=S3_TIMEOUT_S, read_timeout=S3_TIMEOUT_S, retries={"max_attempts": 2})
-    )
+    client = boto3.client("s3", config=Config(
+        connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S,
+        retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+    ))
     try:
         client.head_object(Bucket=bucket, Key=key)
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.worker.memory import host_memory_bytes
+from ember.worker.s3_source import S3Settings
 
 GB = 10**9
 DEFAULT_DISK_CACHE_GB = 100.0
@@ -37,6 +38,10 @@ class WorkerConfig:
     device: str = "cpu"
     metrics_port: int | None = None
     token: str | None = None
+    # S3 client bounds; S3Settings says why these defaults.
+    s3_connect_timeout_s: float = S3Settings.connect_timeout_s
+    s3_read_timeout_s: float = S3Settings.read_timeout_s
+    s3_max_attempts: int = S3Settings.max_attempts
 
     def validate(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -49,9 +54,18 @@ class WorkerConfig:
             raise WorkerConfigError(f"--disk-cache-gb must be >= 0, got {self.disk_cache_gb}")
         if self.dram_cache_gb is not None and self.dram_cache_gb < 0:
             raise WorkerConfigError(f"--dram-cache-gb must be >= 0 (0 disables the DRAM tier), got {self.dram_cache_gb}")
+        for flag, seconds in (("--s3-connect-timeout", self.s3_connect_timeout_s),
+                              ("--s3-read-timeout", self.s3_read_timeout_s)):
+            if not seconds > 0:
+                raise WorkerConfigError(f"{flag} must be > 0 seconds, got {seconds}")
+        if self.s3_max_attempts < 1:
+            raise WorkerConfigError(f"--s3-max-attempts must be >= 1 (1: no retries), got {self.s3_max_attempts}")
         for flag, value in (("--controller", self.controller), ("--advertise-address", self.advertise_address)):
             if value is not None and not _is_host_port(value):
                 raise WorkerConfigError(f"{flag} must be HOST:PORT, got {value!r}")
+
+    def s3_settings(self) -> S3Settings:
+        return S3Settings(self.s3_connect_timeout_s, self.s3_read_timeout_s, self.s3_max_attempts)
 
     @property
     def dram_cache_bytes(self) -> int:

@@ -5,11 +5,15 @@ Endpoint, region and credentials come from the standard AWS environment and conf
 worker talks to AWS, MinIO or moto without flags. A single GET stream is far slower than the
 network on S3; many ranged GETs in flight are how every fast S3 reader gets its bandwidth, and
 writing each range straight into its place in a preallocated file needs no reassembly.
+
+Every S3 call is bounded (S3Settings): a stalled endpoint costs a cold start seconds, then a
+clear error, never botocore's minute-per-attempt default.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +34,11 @@ INDEX_FILE = "ember.json"
 DEFAULT_THREADS = 8
 DEFAULT_PART_BYTES = 16 << 20
 _READ_BYTES = 1 << 20
+# Backoff between attempts at a range whose body stalled or broke off: rand(0, 1) * min(base * 2**i,
+# cap), the truncated exponential backoff with full jitter botocore's standard mode uses, so threads
+# that failed together do not come back together.
+_STREAM_BACKOFF_BASE_S = 0.2
+_STREAM_BACKOFF_CAP_S = 5.0
 
 ProgressFn = Callable[[int, int], None]
 
@@ -70,24 +79,78 @@ class FetchStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
-def make_client(max_connections: int = DEFAULT_THREADS) -> Any:
+@dataclass(frozen=True)
+class S3Settings:
+    """How long the worker waits on S3 and how often it tries (`ember worker --s3-*` flags).
+
+    - connect_timeout_s (5 s): a TCP handshake with S3 takes milliseconds; 5 s still covers two
+      lost SYNs (Linux retransmits after 1 s, then 3 s). Longer means the endpoint is down or
+      unreachable, and a new attempt on a fresh connection is the better bet.
+    - read_timeout_s (30 s): the longest silence on an open connection — before the first byte of
+      an answer or between two reads of a body, not the time for a whole 16 MiB range. S3 answers
+      in well under a second even when it throttles (it says SlowDown instead); 30 s leaves room
+      for slow S3-compatible stores (MinIO on busy disks) and is raised per node when needed.
+      botocore's default is 60 s per attempt, so a stalled endpoint held a cold start for
+      minutes before anyone heard of it.
+    - max_attempts (3): tries per request, the first included (botocore's standard retry mode:
+      exponential backoff with jitter on throttling, 5xx, connection errors and timeouts). The
+      same bound applies to a ranged GET whose body stalls or breaks off mid-stream, which
+      botocore cannot retry (the answer was already handed over): fetch() resumes it from the
+      last byte written.
+    """
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_attempts: int = 3
+
+
+def make_client(max_connections: int = DEFAULT_THREADS, settings: S3Settings = S3Settings()) -> Any:
     import boto3
     from botocore.config import Config
 
-    config = Config(max_pool_connections=max_connections, retries={"max_attempts": 3, "mode": "standard"})
+    config = Config(
+        max_pool_connections=max_connections,
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        # botocore's "max_attempts" counts retries only; "total_max_attempts" counts the first try too.
+        retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
+    )
     return boto3.session.Session().client("s3", config=config)
 
 
-def translate_error(exc: BaseException, location: S3Location, key: str | None = None) -> StoreError:
-    """Turn a botocore exception into a StoreError that names the bucket/key and what to do."""
+def _timeout_hint(flag: str, seconds: float | None) -> str:
+    now = f" (now {seconds:g} s)" if seconds is not None else ""
+    return ("check that the S3 endpoint (AWS_ENDPOINT_URL) is up and reachable from the worker; for a slow store "
+            f"raise --s3-{flag} / EMBER_S3_{flag.upper().replace('-', '_')}{now}")
+
+
+def translate_error(
+    exc: BaseException, location: S3Location, key: str | None = None, settings: S3Settings | None = None
+) -> StoreError:
+    """Turn a botocore exception into a StoreError that names the bucket/key and what to do.
+
+    `settings` are the client's, so a timeout says how long it waited and how often it tried
+    (botocore already retried it that many times).
+    """
     from botocore.exceptions import (
         ClientError,
+        ConnectTimeoutError,
         EndpointConnectionError,
         NoCredentialsError,
         PartialCredentialsError,
+        ReadTimeoutError,
     )
 
     where = f"s3://{location.bucket}/{key}" if key else str(location)
+    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
+        reading = isinstance(exc, ReadTimeoutError)
+        flag = "read-timeout" if reading else "connect-timeout"
+        seconds = None if settings is None else settings.read_timeout_s if reading else settings.connect_timeout_s
+        what = "did not answer" if reading else "did not accept a connection"
+        if settings is not None:
+            what += f" within {seconds:g} s in {settings.max_attempts} attempt(s)"
+        return StoreError(f"S3 timed out reading {where}: the endpoint {what} ({exc})",
+                          _timeout_hint(flag, seconds), kind=ErrorKind.UNAVAILABLE)
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return StorageUnauthenticated(
             f"no usable AWS credentials to read {where}: {exc}",
@@ -125,6 +188,15 @@ def translate_error(exc: BaseException, location: S3Location, key: str | None = 
     return StoreError(f"failed to read {where}: {exc}", kind=ErrorKind.UNAVAILABLE)
 
 
+class _BrokenStream(Exception):
+    """A ranged GET's body timed out or ended early (`cause` says how) once `offset` was written."""
+
+    def __init__(self, cause: BaseException, offset: int) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.offset = offset
+
+
 class S3Source:
     """Fetches checkpoint directories from S3 into local directories."""
 
@@ -133,13 +205,16 @@ class S3Source:
         *,
         threads: int = DEFAULT_THREADS,
         part_bytes: int = DEFAULT_PART_BYTES,
-        client_factory: Callable[[int], Any] = make_client,
+        settings: S3Settings = S3Settings(),
     ) -> None:
         if threads < 1 or part_bytes < _READ_BYTES:
             raise ValueError(f"threads must be >= 1 and part_bytes >= {_READ_BYTES} (got {threads}, {part_bytes})")
         self.threads = threads
         self.part_bytes = part_bytes
-        self._client_factory = client_factory
+        self.settings = settings
+
+    def _client(self) -> Any:
+        return make_client(self.threads, self.settings)
 
     def plan(self, location: S3Location) -> S3Plan:
         """The checkpoint's validated index and every file's size, from one listing and one GET.
@@ -148,7 +223,7 @@ class S3Source:
         """
         from ember.ckpt_format.index import parse_index
 
-        client = self._client_factory(self.threads)
+        client = self._client()
         listed = self._list(client, location)
         if INDEX_FILE not in listed:
             raise CheckpointNotFound(
@@ -159,7 +234,7 @@ class S3Source:
         try:
             body = client.get_object(Bucket=location.bucket, Key=location.key(INDEX_FILE))["Body"].read()
         except Exception as exc:  # botocore errors
-            raise translate_error(exc, location, location.key(INDEX_FILE)) from exc
+            raise translate_error(exc, location, location.key(INDEX_FILE), self.settings) from exc
         # parse_index validates every format rule, including that file names cannot escape the directory.
         index = parse_index(body, Path(str(location)))
         sizes: dict[str, int] = {INDEX_FILE: listed[INDEX_FILE]}
@@ -188,7 +263,7 @@ class S3Source:
         """
         started = time.perf_counter()
         plan = (plan if plan is not None else self.plan(location)).sizes
-        client = self._client_factory(self.threads)
+        client = self._client()
         dest.mkdir(parents=True, exist_ok=True)
         total = sum(plan.values())
         done = 0
@@ -216,30 +291,29 @@ class S3Source:
             ]
 
             def get_range(name: str, start: int, end: int) -> None:
-                if stop.is_set():
-                    return
                 key = location.key(name)
-                try:
-                    resp = client.get_object(Bucket=location.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-                    body = resp["Body"]
-                    offset = start
-                    while offset < end and not stop.is_set():
-                        piece = body.read(min(_READ_BYTES, end - offset))
-                        if not piece:
-                            break
-                        os.pwrite(fds[name], piece, offset)
-                        offset += len(piece)
-                        advance(len(piece))
-                except StoreError:
-                    raise
-                except Exception as exc:
-                    raise translate_error(exc, location, key) from exc
-                if offset != end and not stop.is_set():
-                    raise StoreError(
-                        f"short read of s3://{location.bucket}/{key} bytes {start}-{end - 1}: got {offset - start}",
-                        "the object changed or the connection dropped; retry the load",
-                        kind=ErrorKind.UNAVAILABLE,
-                    )
+                offset = start
+                broken = 0  # attempts whose body stalled or broke off
+                while offset < end and not stop.is_set():
+                    try:
+                        # botocore retries this call itself (timeouts, 5xx, resets) up to max_attempts.
+                        rng = f"bytes={offset}-{end - 1}"
+                        body = client.get_object(Bucket=location.bucket, Key=key, Range=rng)["Body"]
+                    except Exception as exc:
+                        raise translate_error(exc, location, key, self.settings) from exc
+                    try:
+                        offset = self._copy_body(body, fds[name], offset, end, stop, advance)
+                    except _BrokenStream as exc:
+                        body.close()  # a stalled connection must not go back to the pool
+                        offset = exc.offset
+                        broken += 1
+                        if broken >= self.settings.max_attempts:
+                            error = self._stream_error(location, key, start, end, offset, broken, exc.cause)
+                            raise error from exc.cause
+                        stop.wait(random.random() * min(_STREAM_BACKOFF_BASE_S * 2 ** (broken - 1),
+                                                        _STREAM_BACKOFF_CAP_S))
+                    except Exception as exc:  # the local write failed (disk full …): no retry helps
+                        raise translate_error(exc, location, key, self.settings) from exc
 
             with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="s3-get") as pool:
                 futures = [pool.submit(get_range, *r) for r in ranges]
@@ -258,6 +332,47 @@ class S3Source:
                 os.close(fd)
         return FetchStats(bytes=total, seconds=time.perf_counter() - started)
 
+    @staticmethod
+    def _copy_body(
+        body: Any, fd: int, offset: int, end: int, stop: threading.Event, advance: Callable[[int], None]
+    ) -> int:
+        """Write the body at `offset` on until `end`; the new offset. A read that times out or
+        breaks off raises _BrokenStream with the offset written so far, so the next attempt asks
+        only for the rest."""
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+        while offset < end and not stop.is_set():
+            try:
+                piece = body.read(min(_READ_BYTES, end - offset))
+            except (HTTPClientError, IncompleteReadError) as exc:  # ReadTimeoutError, ResponseStreamingError …
+                raise _BrokenStream(exc, offset) from exc
+            if not piece:
+                raise _BrokenStream(EOFError(f"the connection closed {end - offset} bytes early"), offset)
+            os.pwrite(fd, piece, offset)
+            offset += len(piece)
+            advance(len(piece))
+        return offset
+
+    def _stream_error(
+        self, location: S3Location, key: str, start: int, end: int, offset: int, attempts: int, cause: BaseException
+    ) -> StoreError:
+        from botocore.exceptions import ReadTimeoutError
+
+        where = f"s3://{location.bucket}/{key} bytes {start}-{end - 1}"
+        got = f"{offset - start} of {end - start} bytes arrived"
+        if isinstance(cause, ReadTimeoutError):
+            return StoreError(
+                f"S3 timed out reading {where}: the body stalled for {self.settings.read_timeout_s:g} s "
+                f"in each of {attempts} attempts ({got})",
+                _timeout_hint("read-timeout", self.settings.read_timeout_s),
+                kind=ErrorKind.UNAVAILABLE,
+            )
+        return StoreError(
+            f"S3 broke off reading {where} in each of {attempts} attempts ({got}; last: {cause})",
+            "check the S3 endpoint (AWS_ENDPOINT_URL) and the network from the worker, then retry the load",
+            kind=ErrorKind.UNAVAILABLE,
+        )
+
     def _list(self, client: Any, location: S3Location) -> dict[str, int]:
         """Direct children of the prefix: name -> size."""
         base = f"{location.prefix}/" if location.prefix else ""
@@ -270,5 +385,5 @@ class S3Source:
                     if name:
                         listed[name] = int(obj["Size"])
         except Exception as exc:
-            raise translate_error(exc, location) from exc
+            raise translate_error(exc, location, settings=self.settings) from exc
         return listed

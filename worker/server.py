@@ -24,6 +24,7 @@ from ember.worker.heartbeat import HeartbeatSender
 from ember.worker.memory import MemoryBudget
 from ember.worker.metrics import TierBandwidth, WorkerMetrics
 from ember.worker.model_store import ModelStore
+from ember.worker.s3_source import S3Source
 
 log = logging.getLogger("ember.worker")
 
@@ -49,7 +50,8 @@ async def serve(config: WorkerConfig, *, ready: asyncio.Event | None = None) -> 
         raise WorkerConfigError(f"cannot create --cache-dir {cache_dir}: {exc.strerror}") from exc
     dram_bytes = config.dram_cache_bytes
     budget = MemoryBudget.detect(config.device, dram_cache_bytes=dram_bytes if config.device == "cpu" else 0)
-    store = ModelStore(cache_dir, int(config.disk_cache_gb * GB), dram_pool=make_dram_pool(dram_bytes))
+    store = ModelStore(cache_dir, int(config.disk_cache_gb * GB), dram_pool=make_dram_pool(dram_bytes),
+                       s3=S3Source(settings=config.s3_settings()))
     for dropped in store.disk.dropped_at_start:
         log.warning("disk cache: dropped broken entry %s", dropped)
     metrics = WorkerMetrics()

@@ -53,12 +53,11 @@ def test_s3_errors_are_retried_then_reported_clearly(launch_controller, launch_w
             # Persistent: every read of the weights fails (another copy: the first is cached on disk now).
             proxy.faults.fail_all = True
             assert c.post("/v1/deployments", json={"name": "broken", "checkpoint": other_uri}).status_code == 201
-            started = time.monotonic()
+            # It must answer, not hang: the client's 180 s timeout would raise here.
             r = c.post("/functions/broken/invoke", json={"prompt": "Hello", "max_tokens": 4})
             assert r.status_code in (502, 503), r.text
             message = r.json()["error"]["message"]
             assert "S3" in message or "SlowDown" in message or "503" in message, message
-            assert time.monotonic() - started < 170
             assert proxy.faults.failed > 2  # it did retry before giving up
             failed = proxy.faults.failed
             proxy.faults.fail_all = False
