@@ -35,7 +35,6 @@ def test_a_worker_killed_mid_generation_fails_the_stream_clearly_and_is_replaced
         assert r.status_code == 201, r.text
 
         texts, errors, done = [], [], False
-        started = time.monotonic()
         # The migration model has no end-of-sequence token: the stream lasts all of max_tokens.
         body = {"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "stream": True}
         with c.stream("POST", "/functions/victim/invoke", json=body) as stream:
@@ -56,8 +55,8 @@ def test_a_worker_killed_mid_generation_fails_the_stream_clearly_and_is_replaced
                     (instance,) = c.get("/v1/instances", params={"deployment": "victim"}).json()["data"]
                     killed = instance["node"]
                     workers[killed].proc.send_signal(signal.SIGKILL)
+        # No hang: the client's 60 s read timeout would raise between two events.
         assert killed is not None and done, "the stream must end (with [DONE]) after the worker died"
-        assert time.monotonic() - started < 300
         if errors:  # failed clearly: a retryable server error naming what happened
             assert errors[0]["message"] and errors[0]["type"] == "server_error", errors
         else:  # or went on elsewhere: every token arrived
