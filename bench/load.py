@@ -170,6 +170,13 @@ def run(w: Workload) -> dict:
                 proc.kill()
 
 
+def scale_note(w: dict) -> str:
+    default = Workload().requests
+    if w["requests"] >= default:
+        return ""
+    return f"A reduced run ({w['requests']} requests; the default is {default}). "
+
+
 def write_docs(details: dict, result: dict) -> None:
     w = result["workload"]
     rows = [[result["deployments"], result["requests"], result["ok"], result["rejected_429"], result["lost"],
@@ -183,10 +190,10 @@ def write_docs(details: dict, result: dict) -> None:
         f"({w['burst_rate']:g} req/s bursts of {w['burst_s']:g} s, {w['gap_s']:g} s gaps), Zipf({w['zipf_s']:g}) "
         f"popularity. Latencies are end to end per request; `rejected` are 429s with Retry-After, `lost` anything "
         f"else (5xx, transport errors, timeouts). `cold` requests are those whose answer says it started an "
-        f"instance; `warm` ones did not, but many queued behind a cold start (the bursts outrun every deployment's "
-        f"scale-from-zero), which is why their p50 is close to the cold one. A small run ({w['requests']} requests, "
-        f"not the few thousand the default takes) on a shared 2-core machine: read it as a check that nothing is "
-        f"lost under bursts and cold starts, not as throughput of a real node.\n\n"
+        f"instance; `warm` ones did not, though some queued behind a cold start (the bursts outrun a "
+        f"deployment's scale-from-zero), which is what their p99 shows. {scale_note(w)}"
+        f"On a shared 2-core machine: read it as a check that nothing is lost under bursts and cold starts, "
+        f"not as the throughput of a real node.\n\n"
         + report.markdown_table(["deployments", "requests", "ok", "rejected", "lost", "cold starts", "ok/s",
                                  "p50 ms", "p99 ms", "warm p50", "warm p99", "cold p50", "cold p99"], rows)
         + "\n"
