@@ -374,7 +374,7 @@ def build_methods(inp: Inputs, device: str, raw: RawReader, raw4k: RawReader, be
         from ember.loader.hostmem import use_hugepages
 
         # The page size Ember did not pick for one-shot destinations on this machine, for comparison.
-        other = "0" if use_hugepages(long_lived=False) else "1"
+        other = "0" if use_hugepages() else "1"
         methods.append(
             Method(
                 f"ember cold, verify, {'4 KiB' if other == '0' else 'huge'} pages forced",

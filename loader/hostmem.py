@@ -15,9 +15,12 @@ hypervisor fault while 4 KiB pages often reuse small blocks the host still backs
 loads, 6 interleaved rounds: 1.28 GB/s median with huge pages, 1.64 with 4 KiB pages). O_DIRECT
 reads into touched huge pages were as fast or faster than into touched 4 KiB pages
 (2.82 vs 2.69 GB/s in one run, 3.06 vs 1.59 in another).
-So long-lived, reused buffers (the DRAM pool) always ask for huge pages, and one-shot
-destinations do unless free page reporting is active. EMBER_LOADER_HUGEPAGES=1 or 0 forces it
-either way (0 also for nodes where THP compaction stalls hurt).
+So buffers ask for huge pages unless free page reporting is active. That includes DRAM-pool
+slabs: once touched they are reused without faults whatever their page size, so what counts is
+their first fill, which is fresh memory like any other (bench/coldstart.py's cold start from
+disk took 0.36-0.37 s on this VM with huge-page pool slabs, 0.17-0.23 s without).
+EMBER_LOADER_HUGEPAGES=1 or 0 forces it either way (0 also for nodes where THP compaction
+stalls hurt).
 
 When CUDA is present a buffer can be page-locked chunk by chunk (`cudaHostRegister`) so
 host-to-device copies run asynchronously at full PCIe speed. The ranges are unregistered when the
@@ -82,15 +85,15 @@ def free_page_reporting(devices: str = "/sys/bus/virtio/devices") -> bool:
     return False
 
 
-def use_hugepages(long_lived: bool) -> bool:
-    """EMBER_LOADER_HUGEPAGES=1/0 decides; otherwise huge pages for long-lived buffers always and
-    for one-shot ones unless free page reporting makes fresh huge pages slow (module docstring)."""
+def use_hugepages() -> bool:
+    """EMBER_LOADER_HUGEPAGES=1/0 decides; otherwise huge pages unless free page reporting makes
+    fresh huge pages slow (module docstring)."""
     raw = os.environ.get("EMBER_LOADER_HUGEPAGES", "").strip().lower()
     if raw in ("1", "true", "yes", "on"):
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    return long_lived or not _reporting()
+    return not _reporting()
 
 
 _reporting_cache: list[bool] = []
@@ -153,18 +156,15 @@ def _array_type(kind: str, nbytes: int) -> type:
 
 
 class HostBuffer:
-    """`nbytes` of page-aligned anonymous memory; `tensor` is a uint8 view that keeps it alive.
+    """`nbytes` of page-aligned anonymous memory; `tensor` is a uint8 view that keeps it alive."""
 
-    long_lived: the buffer will be filled many times (a DRAM-pool slab, a staging ring), which
-    decides whether it gets huge pages (see use_hugepages)."""
-
-    def __init__(self, nbytes: int, *, populate: bool = False, pin: bool = False, long_lived: bool = False) -> None:
+    def __init__(self, nbytes: int, *, populate: bool = False, pin: bool = False) -> None:
         if nbytes < 0:
             raise ValueError(f"buffer size must be >= 0, got {nbytes}")
         self.nbytes = nbytes
         self.pin = pin
         mapped = max(-(-nbytes // PAGE) * PAGE, PAGE)
-        huge = nbytes >= HUGE_PAGE and use_hugepages(long_lived)
+        huge = nbytes >= HUGE_PAGE and use_hugepages()
         # Huge pages need 2 MiB-aligned extents: over-map by 2 MiB and start at the aligned offset.
         mm = mmap.mmap(-1, mapped + (HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         skew = 0

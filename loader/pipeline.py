@@ -118,7 +118,7 @@ class Ring:
 
 def host_ring(n: int, chunk_bytes: int) -> tuple[Ring, list[HostBuffer]]:
     """Slots in pre-faulted host memory (CPU sharded loads)."""
-    bufs = [HostBuffer(chunk_bytes, populate=True, long_lived=True) for _ in range(n)]
+    bufs = [HostBuffer(chunk_bytes, populate=True) for _ in range(n)]
     return Ring([Slot(b.view(), b.tensor) for b in bufs]), bufs
 
 

@@ -288,7 +288,7 @@ class DramPool:
             slabs = []
             for n, s in zip(sizes, taken):
                 if s is None:
-                    s = _Slab(HostBuffer(n, pin=self.pin, long_lived=True), "filling")
+                    s = _Slab(HostBuffer(n, pin=self.pin), "filling")
                 else:
                     self._spares.remove(s)
                     s.state = "filling"

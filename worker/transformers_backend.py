@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,6 +52,23 @@ from ember.worker.backend import (
     NotLoadedError,
     TokenEvent,
 )
+
+_imports_lock = threading.Lock()
+
+
+def import_libraries() -> None:
+    """Import torch, transformers' auto classes and the loader, once for the process.
+
+    The worker's warm-up does this in a thread at start while a Load may do it in another, and
+    transformers' lazy module is not safe to import from two threads at once (a load racing the
+    warm-up failed with "cannot import name 'AutoTokenizer'"): the second caller waits here.
+    """
+    with _imports_lock:
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        import ember.loader  # noqa: F401
+
 
 if TYPE_CHECKING:
     import torch
@@ -119,6 +137,7 @@ class TransformersBackend(Backend):
         if self._engine is not None:
             raise BackendError("a model is already loaded on this backend", hint="unload it first")
         started = time.perf_counter()
+        await asyncio.to_thread(import_libraries)
         tokenizer = await asyncio.to_thread(_load_tokenizer, Path(checkpoint_dir))
         tokenized = time.perf_counter()
         model, stats = await asyncio.to_thread(_load_weights, Path(checkpoint_dir), device, pool, tracker)
