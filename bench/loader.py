@@ -696,7 +696,7 @@ def markdown(res: dict, mach: dict, device: str) -> str:
         f"a {res['config']['tensor_bytes'] / 1e9:.2f} GB bf16 Llama-shaped checkpoint; every disk measurement cold "
         "(fsync + POSIX_FADV_DONTNEED, checked with mincore); methods interleaved round by round; "
         "every byte touched before the clock stops. GB/s = 1e9 bytes of tensors per second. "
-        f"Ember defaults: {DEFAULT_THREADS} threads x {DEFAULT_CHUNK_MB} MiB reads.",
+        f"Ember defaults: {DEFAULT_THREADS} threads x {DEFAULT_CHUNK_MB[device]} MiB reads.",
         "",
     ]
     rows = []
@@ -806,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     yard = memcpy_gbps(inp.tensor_bytes, device)
     print(f"yardstick: {yard[1]} {yard[0]:.1f} GB/s", flush=True)
     tuning = None
-    best_raw = (DEFAULT_THREADS, DEFAULT_CHUNK_MB * MiB)
+    best_raw = (DEFAULT_THREADS, DEFAULT_CHUNK_MB[device] * MiB)
     tuned = None
     if not args.no_tune:
         tg = [int(x) for x in args.threads_grid.split(",")]

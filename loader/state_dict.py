@@ -77,8 +77,8 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint at `path` (aliases as the same tensor object) on `device`.
 
-    threads / chunk_mb: reader threads and read size (defaults in ember.loader.settings, env
-    EMBER_LOADER_THREADS / EMBER_LOADER_CHUNK_MB). verify: check each chunk's xxh3-64 while
+    threads / chunk_mb: reader threads and read size (defaults per device type in
+    ember.loader.settings, env EMBER_LOADER_THREADS / EMBER_LOADER_CHUNK_MB). verify: check each chunk's xxh3-64 while
     reading (CorruptChunkError names the file and chunk). tp_rank / tp_size / shard_plan: load
     only this rank's slices (`torch.chunk(full, tp_size, dim)[tp_rank]`, see ember.loader.tp).
     pool: a DramPool serving hits without disk I/O and filled by full disk loads; on CPU the
@@ -93,7 +93,7 @@ def load_state_dict(
         raise LoaderError(f"pool must be an ember.loader.DramPool, got {type(pool).__name__}")
     index = open_checkpoint(path)
     dev = resolve_device(device)
-    io = resolve_io_settings(threads, chunk_mb, index.chunk_bytes)
+    io = resolve_io_settings(threads, chunk_mb, index.chunk_bytes, dev.type)
     slices = shard_slices(index, shard_plan, tp_rank, tp_size)
     sharded = is_sharded(slices)
     load = _Load(index, dev, io, verify)

@@ -159,3 +159,15 @@ def test_env_overrides_defaults(make_checkpoint, monkeypatch):
     monkeypatch.setenv("EMBER_LOADER_THREADS", "many")
     with pytest.raises(LoaderError, match="EMBER_LOADER_THREADS"):
         load_state_dict(ckpt)
+
+
+def test_default_read_size_depends_on_the_destination(make_checkpoint, monkeypatch):
+    from ember.loader.settings import resolve_io_settings
+
+    monkeypatch.delenv("EMBER_LOADER_CHUNK_MB", raising=False)
+    monkeypatch.delenv("EMBER_LOADER_THREADS", raising=False)
+    four_mib = 4 << 20
+    assert resolve_io_settings(None, None, four_mib, "cpu").chunk_bytes == 64 << 20
+    assert resolve_io_settings(None, None, four_mib, "cuda").chunk_bytes == 16 << 20
+    load_state_dict(make_checkpoint({"x": torch.randn(64, 16)}))
+    assert last_load_stats().chunk_bytes % (64 << 20) == 0
