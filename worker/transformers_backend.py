@@ -136,8 +136,10 @@ class TransformersBackend(Backend):
     async def load(self, checkpoint_dir: Path, device: str, *, pool: Any = None, tracker: Any = None) -> LoadReport:
         if self._engine is not None:
             raise BackendError("a model is already loaded on this backend", hint="unload it first")
-        started = time.perf_counter()
+        # A one-time wait for the process's imports is not this model's init time: the controller
+        # learns init_s to estimate later starts, which will not wait for it.
         await asyncio.to_thread(import_libraries)
+        started = time.perf_counter()
         tokenizer = await asyncio.to_thread(_load_tokenizer, Path(checkpoint_dir))
         tokenized = time.perf_counter()
         model, stats = await asyncio.to_thread(_load_weights, Path(checkpoint_dir), device, pool, tracker)
