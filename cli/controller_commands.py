@@ -55,6 +55,11 @@ RATE_HELP = "Requests per second per API key for generation endpoints (token buc
 BURST_HELP = "Burst of the per-key rate limit (default: one second's worth)."
 STREAMS_HELP = "Generations one API key may run at once (more: 429)."
 
+MIGRATION_GAIN_HELP = (
+    "Seconds by which the scheduler's live-migration plan must beat the best node with room before it moves "
+    "running instances off a full node that holds the model in DRAM or on disk (0: any plan that is faster; "
+    "a very large value effectively turns scheduler-triggered migration off)."
+)
 TIER_GBPS_HELP = ("Read bandwidths (GB/s) assumed until nodes measure them, e.g. 'dram=8,disk=1,s3=0.2' "
                   "(the defaults).")
 
@@ -74,6 +79,8 @@ def controller(
     policy: str = typer.Option("locality", "--policy", help="Scheduling policy: locality, least-loaded or random."),
     node_timeout: float = typer.Option(10.0, "--node-timeout", help="Seconds without a heartbeat before a node is down."),
     tier_gbps: Optional[str] = typer.Option(None, "--tier-gbps", help=TIER_GBPS_HELP),
+    migration_min_gain: float = typer.Option(1.0, "--migration-min-gain",
+                                             metavar="SECONDS", help=MIGRATION_GAIN_HELP),
     kubernetes: bool = typer.Option(
         False, "--kubernetes", help="Watch Kubernetes Nodes: a cordoned node's instances move to other workers "
         "(worker --node-id must be the Kubernetes node name, as the Helm chart sets it)."
@@ -105,6 +112,7 @@ def controller(
         kubernetes=kubernetes, auth=True, admin_key_file=admin_key_file, tls_cert=tls_cert, tls_key=tls_key,
         checkpoint_roots=list(checkpoint_root), allowed_buckets=list(allowed_bucket) if allowed_bucket else None,
         limits=_limits(max_body_bytes, max_tokens_cap, rate_limit, burst, max_streams_per_key),
+        migration_min_gain_s=migration_min_gain,
     )
     config.validate()
     run(config)
@@ -126,6 +134,8 @@ def serve(
         None, "--dram-cache-gb", help="DRAM tier per worker in GB (default: a quarter of host memory)."
     ),
     policy: str = typer.Option("locality", "--policy", help="Scheduling policy: locality, least-loaded or random."),
+    migration_min_gain: float = typer.Option(1.0, "--migration-min-gain",
+                                             metavar="SECONDS", help=MIGRATION_GAIN_HELP),
     auth: bool = typer.Option(False, "--auth", help="Require API keys (admin key from --admin-key-file or "
                               "EMBER_ADMIN_KEY). Without it, only loopback addresses may be used."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without --auth."),
@@ -167,7 +177,8 @@ def serve(
                                     tls_cert=tls_cert, tls_key=tls_key, checkpoint_roots=roots,
                                     allowed_buckets=list(allowed_bucket) if allowed_bucket else None,
                                     limits=_limits(max_body_bytes, max_tokens_cap, rate_limit, burst,
-                                                   max_streams_per_key)),
+                                                   max_streams_per_key),
+                                    migration_min_gain_s=migration_min_gain),
         workers=workers, cache_dir=cache, demo=demo, device=device, dram_cache_gb=dram_cache_gb,
     )
     options.validate()

@@ -6,6 +6,7 @@ controller, a scheduler or an autoscaler with exactly the settings they need.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,10 @@ ADMIN_KEY_ENV = "EMBER_ADMIN_KEY"
 # PEM file of the CA (or self-signed certificate) workers trust when the controller's gRPC uses TLS.
 CONTROLLER_CA_ENV = "EMBER_CONTROLLER_CA"
 POLICIES = ("locality", "least-loaded", "random")
+# Seconds by which freeing a full node through live migration must beat the best node with room
+# (controller/migration_planner.py): a migration pauses running streams, a rounding error is not
+# worth it.
+DEFAULT_MIGRATION_MIN_GAIN_S = 1.0
 
 
 @dataclass
@@ -107,6 +112,9 @@ class ControllerConfig:
     # Where deployments may read checkpoints: local roots (None: anywhere) and S3 buckets (None: any).
     checkpoint_roots: list[Path] | None = None
     allowed_buckets: list[str] | None = None
+    # The scheduler's migration trigger: how much sooner (s) a plan that moves instances off a full
+    # node holding the model must have it ready than the best node with room.
+    migration_min_gain_s: float = DEFAULT_MIGRATION_MIN_GAIN_S
 
     def validate(self) -> None:
         for flag, port in (("--port", self.port), ("--grpc-port", self.grpc_port)):
@@ -121,6 +129,11 @@ class ControllerConfig:
             )
         parse_state_url(self.state)
         self.scheduler.validate()
+        if not (math.isfinite(self.migration_min_gain_s) and self.migration_min_gain_s >= 0):
+            raise ConfigError(
+                f"--migration-min-gain must be a number of seconds >= 0, got {self.migration_min_gain_s}",
+                "e.g. --migration-min-gain 0.5; 0 takes any migration plan that is expected to be faster",
+            )
         if self.deployments_file is not None and not Path(self.deployments_file).is_file():
             raise ConfigError(f"--deployments-file {self.deployments_file} does not exist")
         self.limits.validate()

@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from ember.controller.config import DEFAULT_MIGRATION_MIN_GAIN_S
 from ember.controller.nodes import CACHE_TIERS, ClusterView
 from ember.controller.scheduler import Estimate, ModelInfo, Placement, Scheduler
 from ember.migration.cost_model import MigrationCostModel
@@ -81,7 +82,8 @@ class MigrationConfig:
     # (a set: its order follows string hashing; a caller that needs the same answer in every
     # process, like the simulator, sets this to the cluster size so that every holder is seen).
     scan_limit: int = 32
-    min_gain_s: float = 1.0  # a plan must beat the best node with room by at least this
+    # A plan must beat the best node with room by at least this (`--migration-min-gain`).
+    min_gain_s: float = DEFAULT_MIGRATION_MIN_GAIN_S
 
     def validate(self) -> None:
         if self.max_targets < 1 or self.scan_limit < 1:

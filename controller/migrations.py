@@ -35,7 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.api import worker_pb2 as pb
 from ember.controller.errors import BadRequest, Conflict, NotFound
-from ember.controller.migration_planner import MigrationPlan, MigrationPlanner, RequestProgress, RunningInstance
+from ember.controller.migration_planner import (
+    MigrationConfig,
+    MigrationPlan,
+    MigrationPlanner,
+    RequestProgress,
+    RunningInstance,
+)
 from ember.controller.router import InstanceSlot
 from ember.controller.scheduler import ModelInfo, Placement
 from ember.migration.cost_model import MigrationCostModel
@@ -119,7 +125,7 @@ class Migrations:
         self.moving: dict[str, str] = {}  # source instance id -> migration id
         self.streams: dict[str, set[Generation]] = {}  # instance id -> generations streaming from it
         self.costs: dict[str, CostInputs] = {}  # node id -> cost inputs
-        self.planner = MigrationPlanner(ctl.scheduler)
+        self.planner = MigrationPlanner(ctl.scheduler, MigrationConfig(min_gain_s=ctl.config.migration_min_gain_s))
         self.planned: dict[str, str] = {}  # deployment -> placeholder slot id of a start waiting for room
         self._done: dict[str, asyncio.Event] = {}
         r, p = ctl.metrics.registry, "ember_controller_"

@@ -22,6 +22,8 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
         (["--policy", "fastest"], "--policy"),
         (["--tier-gbps", "gpu=3"], "--tier-gbps"),
         (["--node-timeout", "0.5"], "--node-timeout"),
+        (["--migration-min-gain", "-1"], "--migration-min-gain must be a number of seconds >= 0"),
+        (["--migration-min-gain", "nan"], "--migration-min-gain"),
         (["--deployments-file", str(tmp_path / "none.yaml")], "does not exist"),
     ]
     bad_file = tmp_path / "bad.yaml"

@@ -89,6 +89,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                  "volume": {"nfs": {"server": "nfs.storage.internal", "path": "/exports/ckpt", "readOnly": True}}},
             ],
             "allowedBuckets": ["models", "team-a.checkpoints"],
+            "migrationMinGain": 0.5,
             "limits": {"maxBodyBytes": 8388608, "maxTokens": 4096, "rateLimit": 2.5, "burst": 10,
                        "maxStreamsPerKey": 4},
         },
@@ -558,6 +559,8 @@ BAD_VALUES = [
     ({"controller": {"allowedBuckets": ["models/prefix"]}}, ["/controller/allowedBuckets/0", "does not match"]),
     ({"controller": {"allowedBuckets": ["s3://models"]}}, ["/controller/allowedBuckets/0", "does not match"]),
     ({"controller": {"allowedBuckets": "models"}}, ["/controller/allowedBuckets", "array"]),
+    ({"controller": {"migrationMinGain": -1}}, ["/controller/migrationMinGain", "minimum"]),
+    ({"controller": {"migrationMinGain": "fast"}}, ["/controller/migrationMinGain"]),
     ({"controller": {"limits": {"maxBodyBytes": 0}}}, ["/controller/limits/maxBodyBytes", "minimum"]),
     ({"controller": {"limits": {"maxTokens": "lots"}}}, ["/controller/limits/maxTokens"]),
     ({"controller": {"limits": {"rateLimit": 0}}}, ["/controller/limits/rateLimit", "exclusiveMinimum"]),
@@ -722,6 +725,19 @@ def test_buckets_and_limits_become_the_controller_configuration(rendered: dict) 
     self_signed = container(controller(rendered["tls-self-signed"]), "controller")["args"]
     assert limit_flags & set(self_signed) == {"--max-tokens-cap"}
     assert not parse_controller_args(default)["allowed_bucket"]  # `ember controller` then admits any bucket
+
+
+def test_the_migration_gain_threshold_becomes_the_controller_flag(rendered: dict) -> None:
+    from ember.controller.config import DEFAULT_MIGRATION_MIN_GAIN_S
+
+    hardened = container(controller(rendered["hardened"]), "controller")["args"]
+    assert hardened[hardened.index("--migration-min-gain") + 1] == "0.5"
+    assert parse_controller_args(hardened)["migration_min_gain"] == 0.5
+    default = container(controller(rendered["default"]), "controller")["args"]
+    assert "--migration-min-gain" not in default  # null: the controller's own default applies
+    assert parse_controller_args(default)["migration_min_gain"] == DEFAULT_MIGRATION_MIN_GAIN_S
+    zero = container(controller(render({"controller": {"migrationMinGain": 0}})), "controller")["args"]
+    assert parse_controller_args(zero)["migration_min_gain"] == 0.0  # 0 is a value, not "unset"
 
 
 CANDIDATE_CHECKPOINTS = [

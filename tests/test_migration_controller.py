@@ -153,10 +153,39 @@ def test_a_failed_source_restarts_from_the_delivered_tokens(demo_checkpoint: Pat
     run(body)
 
 
-def test_the_scheduler_frees_a_full_node_that_holds_the_model(demo_checkpoint: Path, tmp_path: Path) -> None:
+async def full_holder_scenario(workers: MigratingWorkers, checkpoint: Path, big_checkpoint: Path,
+                               min_gain_s: float):
     """n1 holds `big` in DRAM but is full with `other` (one request streaming); n2 has room but would
-    read `big` from a slow disk (it holds `other` in DRAM). The planner moves `other` (and its
-    stream) to n2 and starts `big` on n1."""
+    read `big` from a slow disk (it holds `other` in DRAM). Freeing n1 saves about 78 s (4 GB at
+    0.05 GB/s against 8 GB/s). Returns the controller, the running `other` stream and `big`'s request."""
+    ctl = await make_controller(
+        workers=workers, scheduler=SchedulerConfig(default_gbps={"dram": 8.0, "disk": 0.05, "s3": 0.01}),
+        migration_min_gain_s=min_gain_s)
+    assert ctl.migrations.planner.config.min_gain_s == min_gain_s  # the flag reaches the planner
+    await ctl.node_report(status("n1", free_gb=20), register=True)
+    await ctl.create_deployment(DeploymentSpec(name="other", checkpoint=str(checkpoint), keep_alive_s=600))
+    await ctl.create_deployment(DeploymentSpec(name="big", checkpoint=str(big_checkpoint), keep_alive_s=600))
+    for name in ("other", "big"):  # big models: the disk read on n2 is what n1's DRAM saves
+        state = ctl.router.get(name)
+        state.record = state.record.model_copy(update={"checkpoint_bytes": 4 * GB})
+    gen = Generation(ctl, "other", GenerateInput(prompt="hi", request_id="req-3"))
+    running = asyncio.create_task(collect(gen))
+    await until(lambda: gen.lease is not None and len(gen.delivered_ids) == 5, "other streaming on n1")
+    other = gen.lease.slot
+    big_uri = ctl.router.get("big").record.checkpoint
+    costs = pb.InstanceStatus(id=other.id, deployment="other", state=pb.INSTANCE_STATE_READY,
+                              kv_bytes_per_token=512, recompute_s_per_token=1e-4, recompute_overhead_s=0.01)
+    other_uri = ctl.router.get("other").record.checkpoint
+    await ctl.node_report(status("n1", free_gb=0, dram=(big_uri,), instances=[costs]), register=False)
+    await ctl.node_report(status("n2", free_gb=10, dram=(other_uri,)), register=True)
+
+    big = Generation(ctl, "big", GenerateInput(prompt="hello", request_id="req-4"))
+    big_run = asyncio.create_task(collect(big))
+    return ctl, gen, other, running, big, big_run
+
+
+def test_the_scheduler_frees_a_full_node_that_holds_the_model(demo_checkpoint: Path, tmp_path: Path) -> None:
+    """The planner moves `other` (and its stream) to n2 and starts `big` on n1."""
     import shutil
 
     big_checkpoint = tmp_path / "big.ember"
@@ -164,29 +193,9 @@ def test_the_scheduler_frees_a_full_node_that_holds_the_model(demo_checkpoint: P
 
     async def body() -> None:
         workers = MigratingWorkers()
-        ctl = await make_controller(
-            workers=workers, scheduler=SchedulerConfig(default_gbps={"dram": 8.0, "disk": 0.05, "s3": 0.01}))
-        ctl.migrations.planner.config.min_gain_s = 0.0
+        ctl, gen, other, running, big, big_run = await full_holder_scenario(workers, demo_checkpoint, big_checkpoint,
+                                                                            min_gain_s=0.0)
         try:
-            await ctl.node_report(status("n1", free_gb=20), register=True)
-            await ctl.create_deployment(DeploymentSpec(name="other", checkpoint=str(demo_checkpoint), keep_alive_s=600))
-            await ctl.create_deployment(DeploymentSpec(name="big", checkpoint=str(big_checkpoint), keep_alive_s=600))
-            for name in ("other", "big"):  # big models: the disk read on n2 is what n1's DRAM saves
-                state = ctl.router.get(name)
-                state.record = state.record.model_copy(update={"checkpoint_bytes": 4 * GB})
-            gen = Generation(ctl, "other", GenerateInput(prompt="hi", request_id="req-3"))
-            running = asyncio.create_task(collect(gen))
-            await until(lambda: gen.lease is not None and len(gen.delivered_ids) == 5, "other streaming on n1")
-            other = gen.lease.slot
-            big_uri = ctl.router.get("big").record.checkpoint
-            costs = pb.InstanceStatus(id=other.id, deployment="other", state=pb.INSTANCE_STATE_READY,
-                                      kv_bytes_per_token=512, recompute_s_per_token=1e-4, recompute_overhead_s=0.01)
-            other_uri = ctl.router.get("other").record.checkpoint
-            await ctl.node_report(status("n1", free_gb=0, dram=(big_uri,), instances=[costs]), register=False)
-            await ctl.node_report(status("n2", free_gb=10, dram=(other_uri,)), register=True)
-
-            big = Generation(ctl, "big", GenerateInput(prompt="hello", request_id="req-4"))
-            big_run = asyncio.create_task(collect(big))
             await until(lambda: any(m.reason == "scheduler" for m in ctl.migrations.records.values()),
                         "a scheduler-triggered migration")
             tokens = await running
@@ -200,6 +209,36 @@ def test_the_scheduler_frees_a_full_node_that_holds_the_model(demo_checkpoint: P
             assert other.id in workers.unloads
             assert not ctl.migrations.planned and all(not s.id.startswith("big-planned")
                                                        for s in ctl.router.get("big").slots.values())
+        finally:
+            await close(ctl)
+
+    run(body)
+
+
+def test_a_plan_that_saves_less_than_the_min_gain_is_not_taken(demo_checkpoint: Path, tmp_path: Path) -> None:
+    """The same cluster with --migration-min-gain above the ~78 s a plan would save: nothing moves,
+    `big` starts on n2 and `other` finishes where it runs."""
+    import shutil
+
+    big_checkpoint = tmp_path / "big.ember"
+    shutil.copytree(demo_checkpoint, big_checkpoint)
+
+    async def body() -> None:
+        workers = MigratingWorkers()
+        ctl, gen, other, running, big, big_run = await full_holder_scenario(workers, demo_checkpoint, big_checkpoint,
+                                                                            min_gain_s=120.0)
+        try:
+            await until(lambda: big.lease is not None, "big placed while other streams on n1")
+            assert big.lease.slot.node == "n2" and not ctl.migrations.planned
+            workers.gate.set()
+            big_tokens = await big_run
+            assert [t for e in big_tokens for t in e.token_ids] == list(range(workers.total))
+            assert big.node == "n2"
+            tokens = await running
+            assert [t for e in tokens for t in e.token_ids] == list(range(workers.total))
+            assert gen.node == "n1" and not ctl.migrations.records and not ctl.migrations.planned
+            loads = [(node, iid.split("-")[0]) for node, iid in workers.loads]
+            assert loads == [("n1", "other"), ("n2", "big")]
         finally:
             await close(ctl)
 
