@@ -207,7 +207,14 @@ class HostBuffer:
         return memoryview(self._owner).cast("B")[start:end]
 
     def prepare(self, start: int, end: int) -> None:
-        """Make [start, end) ready to be written at full speed: faulted in, and page-locked if pinned."""
+        """Make [start, end) ready to be written at full speed: faulted in, and page-locked if pinned.
+
+        The range is widened to whole pages (madvise wants a page-aligned start), so callers such
+        as S3 ranges of any size need not align it."""
+        start -= start % PAGE
+        end = min(-(-end // PAGE) * PAGE, self._mapped)
+        if end <= start:
+            return
         prefault(self.address + start, end - start)
         if self.pin:
             self.register(start, end)

@@ -326,9 +326,12 @@ def test_first_load_from_s3_then_disk_then_dram(launch_worker, s3_server, demo_c
     assert any(e.phase == pb.LOAD_PHASE_FETCH and e.source_tier == "s3" and e.bytes_done == e.bytes_total > 0
                for e in first)
     assert first[-1].source_tier == "s3" and first[-1].fetch_s > 0
+    # The download wrote through into the DRAM pool: the load after it read no disk.
+    assert [e.source_tier for e in first if e.phase == pb.LOAD_PHASE_LOAD] == ["dram"]
     status = inventory(worker)
     assert tier_uris(status, "disk") == [uri_a] and tier_uris(status, "dram") == [uri_a]
     assert status.s3_read_gbps > 0
+    assert status.tiers["disk"].read_gbps == 0  # no disk rate was made up from it
     unload(worker, "a1")
 
     assert final_tier("b1", uri_b) == "s3"

@@ -296,8 +296,9 @@ class WorkerAgent(pb_grpc.WorkerServicer):
         self.metrics.loads.labels(source_tier).inc()
         self.metrics.load_seconds.labels(source_tier).observe(total_s)
         self.metrics.load_bytes.labels(report.tier).inc(report.bytes)
-        # A load right after an S3 fetch reads pages the fetch just wrote (page cache): not a disk rate.
-        if located.tier != "s3":
+        # A disk load right after an S3 fetch reads pages the fetch just wrote (page cache): not a disk
+        # rate. A DRAM hit after a fetch (it wrote through into the pool) is a DRAM read like any other.
+        if located.tier != "s3" or report.tier == "dram":
             stats = report.stats  # the loader's LoadStats: its own clock, without tokenizer/engine start
             self._observe_bandwidth(report.tier, report.bytes, stats.seconds if stats is not None else report.load_s)
         self._changed()

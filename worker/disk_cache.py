@@ -54,10 +54,16 @@ class PendingEntry:
     key: str
     root: Path
     bytes: int
+    final_root: Path  # where commit() renames `root` to
 
     @property
     def path(self) -> Path:
         return self.root / CHECKPOINT_DIR
+
+    @property
+    def final_path(self) -> Path:
+        """The checkpoint directory once committed (what loads of this entry will be given)."""
+        return self.final_root / CHECKPOINT_DIR
 
 
 def cache_key(uri: str) -> str:
@@ -202,7 +208,7 @@ class DiskCache:
         key = cache_key(uri)
         root = self.root / TMP_DIR / f"{key}-{uuid.uuid4().hex}"
         (root / CHECKPOINT_DIR).mkdir(parents=True)
-        return PendingEntry(uri=uri, key=key, root=root, bytes=nbytes)
+        return PendingEntry(uri=uri, key=key, root=root, bytes=nbytes, final_root=self.root / key)
 
     def _choose_victims(self, nbytes: int) -> list[CacheEntry]:
         used = sum(e.bytes for e in self._entries.values()) + self._reserved
@@ -228,7 +234,7 @@ class DiskCache:
         actual = _dir_bytes(pending.path)
         now = time.time()
         _write_json_atomic(pending.root / ENTRY_FILE, {"uri": pending.uri, "bytes": actual, "last_used": now})
-        final = self.root / pending.key
+        final = pending.final_root
         with self._lock:
             self._reserved -= pending.bytes
             old = self._entries.pop(pending.uri, None)

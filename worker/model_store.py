@@ -1,9 +1,10 @@
 """Where a checkpoint URI's bytes are on this node, fetching them when they are not.
 
-Tiers, slowest first: S3 (fetched with parallel ranged GETs straight into a disk cache entry),
-the disk cache (a directory with a byte capacity and LRU eviction that survives restarts), and
-the DRAM pool (ember.loader.DramPool, handed to the backend's load). Local paths and file://
-URIs are read in place: they are already on disk and are never copied into the cache.
+Tiers, slowest first: S3 (fetched with parallel ranged GETs straight into a disk cache entry,
+and written through into the DRAM pool when it fits: see ember.worker.write_through), the disk
+cache (a directory with a byte capacity and LRU eviction that survives restarts), and the DRAM
+pool (ember.loader.DramPool, handed to the backend's load). Local paths and file:// URIs are read
+in place: they are already on disk and are never copied into the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from urllib.parse import unquote, urlparse
 from ember.worker.disk_cache import CacheEntry, DiskCache
 from ember.worker.s3_source import FetchStats, S3Location, S3Plan, S3Source
 from ember.worker.store_errors import CheckpointNotFound, InvalidCheckpointURI
+from ember.worker.write_through import fetch_through_pool
 
 ProgressFn = Callable[[int, int], None]
 
@@ -186,7 +188,7 @@ class ModelStore:
                 scratch = Path(tempfile.mkdtemp(prefix="ember-uncached-", dir=SCRATCH_DIR))
                 self._scratch.add(scratch)
                 try:
-                    stats = await asyncio.to_thread(self.s3.fetch, parsed.s3, scratch, progress, plan)
+                    stats = await asyncio.to_thread(self._download, parsed.s3, scratch, scratch, progress, plan)
                 except BaseException:
                     self._drop_scratch(scratch)
                     raise
@@ -204,13 +206,32 @@ class ModelStore:
         pending = await asyncio.to_thread(self.disk.begin, key, plan.total_bytes)  # may evict (rmtree)
         cancel = threading.Event()
         try:
-            stats = await asyncio.to_thread(self.s3.fetch, location, pending.path, progress, plan, cancel)
+            stats = await asyncio.to_thread(
+                self._download, location, pending.path, pending.final_path, progress, plan, cancel
+            )
             await asyncio.to_thread(self.disk.commit, pending)
         except BaseException:
             cancel.set()  # a cancelled load must not leave a download running in the background
             await asyncio.to_thread(self.disk.abort, pending)
+            self.forget_dram(pending.final_path)  # written through, but the entry it belongs to is gone
             raise
         return stats
+
+    def _download(
+        self,
+        location: S3Location,
+        dest: Path,
+        load_path: Path,
+        progress: ProgressFn | None,
+        plan: S3Plan | None,
+        cancel: threading.Event | None = None,
+    ) -> FetchStats:
+        """S3 → `dest`, and into the DRAM pool (keyed by `load_path`) when it fits."""
+        if plan is None:
+            plan = self.s3.plan(location)
+        return fetch_through_pool(
+            self.s3, self.dram_pool, location, dest, plan, load_path=load_path, progress=progress, cancel=cancel
+        )
 
     def release(self, located: LocatedCheckpoint) -> None:
         if located.cached:
@@ -221,6 +242,9 @@ class ModelStore:
     def _drop_scratch(self, path: Path) -> None:
         self._scratch.discard(path)
         shutil.rmtree(path, ignore_errors=True)
+        # No load can name this directory again: its pool entry would only hold memory. A model
+        # still viewing it keeps its weights (DramPool.evict).
+        self.forget_dram(path)
 
     async def refetch(self, located: LocatedCheckpoint, progress: ProgressFn | None = None) -> LocatedCheckpoint:
         """Drop a cache entry found corrupt and fetch it again from its source."""

@@ -4,7 +4,10 @@ Endpoint, region and credentials come from the standard AWS environment and conf
 (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, profiles, instance roles …), so the same
 worker talks to AWS, MinIO or moto without flags. A single GET stream is far slower than the
 network on S3; many ranged GETs in flight are how every fast S3 reader gets its bandwidth, and
-writing each range straight into its place in a preallocated file needs no reassembly.
+writing each range straight into its place in a preallocated file needs no reassembly. A caller
+may name a second destination per file (`mirror`, e.g. DRAM-pool buffers): every piece written to
+the file is copied there at the same offset, so the bytes are in memory once the download ends
+and nothing has to read the file back (see ember.worker.write_through).
 
 Every S3 call is bounded (S3Settings): a stalled endpoint costs a cold start seconds, then a
 clear error, never botocore's minute-per-attempt default.
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ember.worker.store_errors import (
     CheckpointNotFound,
@@ -41,6 +44,19 @@ _STREAM_BACKOFF_BASE_S = 0.2
 _STREAM_BACKOFF_CAP_S = 5.0
 
 ProgressFn = Callable[[int, int], None]
+
+
+class Mirror(Protocol):
+    """A second destination for one file's bytes (ember.loader's HostBuffer is one)."""
+
+    nbytes: int
+
+    def prepare(self, start: int, end: int) -> None:
+        """Make [start, end) ready to be written (e.g. fault pages in); called once per range."""
+
+    def view(self, start: int = 0, end: int | None = None) -> memoryview:
+        """Writable bytes of [start, end)."""
+
 
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
 _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
@@ -188,6 +204,15 @@ def translate_error(
     return StoreError(f"failed to read {where}: {exc}", kind=ErrorKind.UNAVAILABLE)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite may write less than asked (a filesystem filling up answers short before ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
 class _BrokenStream(Exception):
     """A ranged GET's body timed out or ended early (`cause` says how) once `offset` was written."""
 
@@ -255,14 +280,22 @@ class S3Source:
         progress: ProgressFn | None = None,
         plan: S3Plan | None = None,
         cancel: threading.Event | None = None,
+        mirror: dict[str, Mirror] | None = None,
     ) -> FetchStats:
         """Download the checkpoint into `dest` (an empty directory); return bytes and seconds.
 
         `plan` is what plan() returned when the caller already asked (to size a cache entry).
         Setting `cancel` stops the download at the next piece (the caller gave up on the load).
+        `mirror` maps file names to second destinations of the file's size: each receives exactly
+        the bytes written to its file, at the same offsets (a resumed range included). Their
+        content is unchecked here; it is only complete when fetch() returns.
         """
         started = time.perf_counter()
         plan = (plan if plan is not None else self.plan(location)).sizes
+        mirror = mirror or {}
+        for name, target in mirror.items():
+            if plan.get(name) != target.nbytes:
+                raise ValueError(f"mirror for {name!r} holds {target.nbytes} bytes, the file has {plan.get(name)}")
         client = self._client()
         dest.mkdir(parents=True, exist_ok=True)
         total = sum(plan.values())
@@ -293,6 +326,11 @@ class S3Source:
             def get_range(name: str, start: int, end: int) -> None:
                 key = location.key(name)
                 offset = start
+                target = mirror.get(name)
+                sink = None
+                if target is not None and not stop.is_set():
+                    target.prepare(start, end)
+                    sink = target.view()
                 broken = 0  # attempts whose body stalled or broke off
                 while offset < end and not stop.is_set():
                     try:
@@ -302,7 +340,7 @@ class S3Source:
                     except Exception as exc:
                         raise translate_error(exc, location, key, self.settings) from exc
                     try:
-                        offset = self._copy_body(body, fds[name], offset, end, stop, advance)
+                        offset = self._copy_body(body, fds[name], sink, offset, end, stop, advance)
                     except _BrokenStream as exc:
                         body.close()  # a stalled connection must not go back to the pool
                         offset = exc.offset
@@ -334,11 +372,17 @@ class S3Source:
 
     @staticmethod
     def _copy_body(
-        body: Any, fd: int, offset: int, end: int, stop: threading.Event, advance: Callable[[int], None]
+        body: Any,
+        fd: int,
+        sink: memoryview | None,
+        offset: int,
+        end: int,
+        stop: threading.Event,
+        advance: Callable[[int], None],
     ) -> int:
-        """Write the body at `offset` on until `end`; the new offset. A read that times out or
-        breaks off raises _BrokenStream with the offset written so far, so the next attempt asks
-        only for the rest."""
+        """Write the body at `offset` on until `end` (into the file, then into `sink` when given);
+        the new offset. A read that times out or breaks off raises _BrokenStream with the offset
+        written so far (to both), so the next attempt asks only for the rest."""
         from botocore.exceptions import HTTPClientError, IncompleteReadError
 
         while offset < end and not stop.is_set():
@@ -348,7 +392,9 @@ class S3Source:
                 raise _BrokenStream(exc, offset) from exc
             if not piece:
                 raise _BrokenStream(EOFError(f"the connection closed {end - offset} bytes early"), offset)
-            os.pwrite(fd, piece, offset)
+            _pwrite_all(fd, piece, offset)
+            if sink is not None:
+                sink[offset : offset + len(piece)] = piece
             offset += len(piece)
             advance(len(piece))
         return offset

@@ -69,3 +69,37 @@ def test_a_full_disk_while_caching_drops_the_entry_and_the_load_goes_on(
     assert shutil.disk_usage(tiny_filesystem).used < 64 << 10, list(tiny_filesystem.rglob("*"))
     assert not list(Path("/dev/shm").glob("ember-uncached-*"))
     assert "entry dropped, loading it uncached" in worker.log()
+
+
+def test_a_full_disk_while_caching_still_writes_through_to_dram(tiny_filesystem: Path, s3_server,
+                                                                 demo_checkpoint: Path) -> None:
+    """The same fault at the model store: the uncached copy is written through into the DRAM pool,
+    so the load is a DRAM hit; releasing it frees the scratch copy and its pool entry."""
+    import asyncio
+
+    import boto3
+
+    from ember.ckpt_format.reader import read_state_dict
+    from ember.loader import DramPool, last_load_stats, load_state_dict
+    from ember.worker.model_store import ModelStore
+
+    bucket = f"disk-full-wt-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for f in demo_checkpoint.iterdir():
+        s3.upload_file(str(f), bucket, f"m/{f.name}")
+    pool = DramPool(256 << 20, pin=False)
+    store = ModelStore(tiny_filesystem.parent, 1 << 30, dram_pool=pool)
+
+    located = asyncio.run(store.locate(f"s3://{bucket}/m"))
+    assert located.tier == "s3" and not located.cached and located.path in pool
+    out = load_state_dict(located.path, pool=pool)
+    assert last_load_stats().tier == "dram"
+    ref = read_state_dict(demo_checkpoint)
+    assert all(out[k].equal(ref[k]) for k in ref)
+    assert len(pool.contents()) == 1  # the failed attempt at caching left no entry or reservation
+
+    store.release(located)
+    assert not located.path.exists() and located.path not in pool and pool.used_bytes == 0
+    assert all(out[k].equal(ref[k]) for k in ref)  # the live model keeps its weights
+    assert shutil.disk_usage(tiny_filesystem).used < 64 << 10, list(tiny_filesystem.rglob("*"))
