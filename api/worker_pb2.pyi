@@ -72,7 +72,7 @@ class LoadRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., deployment: _Optional[str] = ..., checkpoint_uri: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
-    __slots__ = ("phase", "source_tier", "bytes_done", "bytes_total", "message", "fetch_s", "load_s", "init_s", "instance_id")
+    __slots__ = ("phase", "source_tier", "bytes_done", "bytes_total", "message", "fetch_s", "load_s", "init_s", "instance_id", "memory_bytes")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TIER_FIELD_NUMBER: _ClassVar[int]
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class LoadProgress(_message.Message):
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     INIT_S_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     phase: LoadPhase
     source_tier: str
     bytes_done: int
@@ -91,7 +92,8 @@ class LoadProgress(_message.Message):
     load_s: float
     init_s: float
     instance_id: str
-    def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., source_tier: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., fetch_s: _Optional[float] = ..., load_s: _Optional[float] = ..., init_s: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, phase: _Optional[_Union[LoadPhase, str]] = ..., source_tier: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., message: _Optional[str] = ..., fetch_s: _Optional[float] = ..., load_s: _Optional[float] = ..., init_s: _Optional[float] = ..., instance_id: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("instance_id",)

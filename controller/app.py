@@ -394,7 +394,8 @@ class Controller:
     def model_info(self, state: DeploymentState) -> ModelInfo:
         uri = state.record.checkpoint
         init_s = state.init_ewma_s if state.init_ewma_s is not None else self.init_ewma_s
-        return ModelInfo(uri=uri, size_bytes=state.record.checkpoint_bytes, init_s=init_s, local="://" not in uri)
+        return ModelInfo(uri=uri, size_bytes=state.record.checkpoint_bytes, init_s=init_s, local="://" not in uri,
+                         memory_bytes=state.memory_bytes)
 
     def reconcile(self, name: str) -> None:
         """Run the autoscaler for one deployment and act on its decision (synchronously)."""

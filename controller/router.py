@@ -75,6 +75,7 @@ class DeploymentState:
     slots: dict[str, InstanceSlot] = field(default_factory=dict)
     duration_ewma_s: float | None = None
     init_ewma_s: float | None = None
+    memory_bytes: int | None = None  # what its last started instance held on its node (READY event)
     last_error: str | None = None
     failed_nodes: dict[str, float] = field(default_factory=dict)  # node -> excluded until
     # After a load failed because of the checkpoint itself, unrequested starts (min_instances)
@@ -122,6 +123,8 @@ class Router:
         if state is None:
             state = self.deployments[record.name] = DeploymentState(record)
         else:
+            if (state.record.checkpoint, state.record.backend) != (record.checkpoint, record.backend):
+                state.memory_bytes = None  # learned for the old model
             state.record = record
         return state
 

@@ -30,6 +30,7 @@ class ModelInfo:
     size_bytes: int
     init_s: float | None = None  # measured model initialisation time; None = use the default
     local: bool = False  # a local path: readable from disk on every node, never from S3
+    memory_bytes: int | None = None  # what a started instance held against its node's budget; None = not seen yet
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,12 @@ class Scheduler:
         return Estimate(node.id, best_tier, queue_wait + transfer + init, queue_wait, transfer, init)
 
     def memory_needed(self, model: ModelInfo) -> int:
+        """What an instance will hold on its node: the worker's own figure once an instance of the
+        model reported it (weights plus the backend's KV budget and logits, which for a 7B model
+        with a 32k-token KV budget is more than twice the weights), the checkpoint size times
+        memory_factor before that."""
+        if model.memory_bytes:
+            return model.memory_bytes
         return int(model.size_bytes * self.config.memory_factor)
 
     def fits(self, node: NodeView, model: ModelInfo) -> bool:

@@ -35,6 +35,7 @@ class FakeWorkers:
         self.generating = 0
         self.cancelled = 0
         self.tokens = 3
+        self.memory_bytes = 0  # what READY says the instance holds (0: not reported)
 
     async def load(self, node, address, request, timeout_s):
         self.loads.append((node, request.instance_id))
@@ -46,9 +47,13 @@ class FakeWorkers:
             gate = self.load_gates[request.instance_id] = asyncio.Event()
             await gate.wait()
         yield pb.LoadProgress(phase=pb.LOAD_PHASE_READY, instance_id=request.instance_id, source_tier="disk",
-                              bytes_done=10**6, bytes_total=10**6, load_s=0.01, init_s=0.02)
+                              bytes_done=10**6, bytes_total=10**6, load_s=0.01, init_s=0.02,
+                              memory_bytes=self.memory_bytes)
 
     def release_loads(self) -> None:
+        """Let held loads finish, and loads that start from now on run straight through (the
+        autoscaler may start another instance after the release; holding it would hang it)."""
+        self.hold_loads = False
         for gate in self.load_gates.values():
             gate.set()
 

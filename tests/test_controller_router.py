@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from controller_fakes import Clock, FakeWorkers, close, make_controller, node_status, ready_instance, run, until
+from controller_fakes import GB, Clock, FakeWorkers, close, make_controller, node_status, ready_instance, run, until
 
 from ember.controller.app import Controller
 from ember.controller.errors import QueueFull, Unavailable
@@ -55,6 +55,26 @@ def test_first_request_cold_starts_one_instance_and_a_second_rides_along(demo_ch
             _, warm = await invoke(ctl)
             assert warm.instance == gen.instance and not warm.cold_start and len(workers.loads) == 1
             assert ctl.deployment_view("demo").in_flight == 0
+        finally:
+            await close(ctl)
+
+    run(body)
+
+
+def test_the_memory_an_instance_reported_is_what_later_placements_reserve(demo_checkpoint: Path) -> None:
+    async def body() -> None:
+        workers = FakeWorkers()
+        workers.memory_bytes = 3 * GB
+        ctl = await make_controller(workers=workers)
+        try:
+            await ctl.node_report(node_status("n1"), register=True)
+            await ctl.create_deployment(spec(demo_checkpoint))
+            state = ctl.router.get("demo")
+            guess = ctl.scheduler.memory_needed(ctl.model_info(state))
+            assert guess < GB  # the demo checkpoint times memory_factor
+            await invoke(ctl)
+            assert state.memory_bytes == 3 * GB
+            assert ctl.scheduler.memory_needed(ctl.model_info(state)) == 3 * GB
         finally:
             await close(ctl)
 

@@ -101,6 +101,22 @@ def test_memory_is_reserved_until_a_heartbeat_reports_the_instance() -> None:
     assert cluster.nodes["a"].available_bytes == 2 * GB
 
 
+def test_the_memory_a_started_instance_held_replaces_the_guess() -> None:
+    """A 4 GB checkpoint whose instances hold 9 GB (weights + KV budget + logits): once one has
+    reported it, a node with 6 GB free is no longer offered (the worker would refuse the load)."""
+    cluster = ClusterView()
+    cluster.observe(status("a", free_gb=6, disk={MODEL.uri: MODEL.size_bytes}), now=0)
+    scheduler = Scheduler(config(memory_factor=1.2))
+    guess = scheduler.place(cluster, MODEL, now=0)
+    assert guess is not None and guess.reserved_bytes == int(4.8 * GB)
+    seen = ModelInfo(uri=MODEL.uri, size_bytes=MODEL.size_bytes, init_s=0.5, memory_bytes=9 * GB)
+    assert scheduler.memory_needed(seen) == 9 * GB
+    assert scheduler.place(cluster, seen, now=0) is None
+    cluster.observe(status("b", free_gb=10), now=0)
+    placed = scheduler.place(cluster, seen, now=0)
+    assert placed is not None and placed.node_id == "b" and placed.reserved_bytes == 9 * GB
+
+
 def test_down_nodes_are_never_chosen_and_leave_the_index() -> None:
     cluster = ClusterView()
     cluster.observe(status("holder", dram={MODEL.uri: MODEL.size_bytes}), now=0)

@@ -169,6 +169,8 @@ def serving_worker(launch_worker, s3_server, registry, demo_checkpoint):
     worker.metrics_port = metrics_port
     events = load(worker, "main", f"file://{demo_checkpoint}")
     assert events[-1].phase == pb.LOAD_PHASE_READY
+    # READY tells the controller what the instance holds, for its later placements of this model.
+    assert events[-1].memory_bytes == memory_needed(demo_checkpoint)
     yield worker
     worker.stop()
 

@@ -314,6 +314,7 @@ class WorkerAgent(pb_grpc.WorkerServicer):
                 fetch_s=timings.fetch_s,
                 load_s=report.load_s,
                 init_s=report.init_s,
+                memory_bytes=instance.memory_bytes,
             )
         )
 
