@@ -154,8 +154,8 @@ class Instances:
         if event.fetch_s > 0:
             ctl.cluster.observe_load(slot.node, "s3", model.size_bytes, event.fetch_s)
             ctl.cluster.add_holding(slot.node, "disk", model.uri, model.size_bytes)
-        if event.memory_bytes > 0:
-            state.memory_bytes = event.memory_bytes
+        if event.memory_bytes > 0:  # what it really holds, for later placements and migration plans
+            state.memory_bytes = managed.reserved_bytes = event.memory_bytes
         if event.init_s > 0:
             old = state.init_ewma_s
             state.init_ewma_s = event.init_s if old is None else 0.7 * old + 0.3 * event.init_s

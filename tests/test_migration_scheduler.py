@@ -94,8 +94,9 @@ def upload(checkpoint: Path) -> str:
 
 
 def one_instance_budget_gb(checkpoint: Path) -> float:
-    """A worker memory budget that holds one instance of the checkpoint and, in the controller's
-    eyes, has no room for a second one (it counts memory_factor x the checkpoint per instance)."""
+    """A worker memory budget that holds one instance of the checkpoint and has no room for a
+    second one, neither for the worker nor for the controller (which counts memory_factor x the
+    checkpoint per instance until an instance's READY event tells it what one really holds)."""
     from ember.ckpt_format import open_checkpoint
     from ember.controller.config import SchedulerConfig
     from ember.worker.transformers_backend import TransformersBackend
