@@ -16,6 +16,7 @@ import secrets
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,11 +158,12 @@ async def serve_local(options: ServeOptions, *, stop: asyncio.Event | None = Non
     where = listening.result()
     workers = LocalWorkers(options, where.grpc_address)
     try:
+        started_wall = time.time()
         await workers.start()
         demo_path: Path | None = None
         if options.demo:
             demo_path = await asyncio.to_thread(build_demo_checkpoint, options.cache_dir)
-        await _wait_for_workers(where, workers, stop)
+        await _wait_for_workers(where, workers, stop, since=started_wall)
         if stop.is_set():
             return
         if demo_path is not None:
@@ -182,13 +184,20 @@ async def serve_local(options: ServeOptions, *, stop: asyncio.Event | None = Non
             await controller
 
 
-async def _wait_for_workers(where: Listening, workers: LocalWorkers, stop: asyncio.Event) -> None:
+async def _wait_for_workers(where: Listening, workers: LocalWorkers, stop: asyncio.Event, since: float) -> None:
+    """Until every local worker this run started has sent a heartbeat (at or after `since`, wall time).
+
+    The state file may hold local-N as "up" from a run that ended without saying goodbye (killed,
+    crashed): the controller trusts such records for a grace period, which is right for a cluster
+    whose workers outlive a controller restart but not here, where those workers are gone and their
+    successors listen on new ports. Only a fresh heartbeat carries the new address.
+    """
     ctl = where.controller
     deadline = asyncio.get_running_loop().time() + WORKER_START_TIMEOUT_S
     wanted = {f"local-{i}" for i in range(workers.options.workers)}
     while not stop.is_set():
         up = {n for n in wanted if n in ctl.cluster.nodes and ctl.cluster.nodes[n].up
-              and ctl.node_records.get(n) is not None and ctl.node_records[n].last_heartbeat > 0}
+              and ctl.node_records.get(n) is not None and ctl.node_records[n].last_heartbeat >= since}
         if up == wanted:
             return
         dead = workers.exited()

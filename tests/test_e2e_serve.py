@@ -3,6 +3,7 @@ deployed, the printed commands work, Ctrl-C/SIGTERM stops everything, and state 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -86,6 +87,34 @@ def test_serve_demo_prints_working_commands_and_stops_cleanly(tmp_path: Path) ->
         with EmberClient(url) as client:
             assert [d["name"] for d in client.list_deployments()] == ["demo"]
             assert client.invoke("demo", "Hello", max_tokens=3)["usage"]["completion_tokens"] == 3
+    finally:
+        stop(proc)
+
+
+def test_serve_after_a_crash_does_not_use_the_dead_workers_addresses(tmp_path: Path) -> None:
+    """A run killed without shutting down leaves local-0 "up" in the state file, at a port nothing
+    listens on any more; the next run must wait for its own worker, not send the demo's first
+    request to that address."""
+    cache = tmp_path / "ember-cache"
+    proc, lines = start_serve(cache, "--demo", "--workers", "1")
+    url = re.search(r"Ember is serving on (http://\S+)", "\n".join(lines)).group(1)
+    with EmberClient(url) as client:  # scaled to zero, so the next run's first request is a cold start
+        client.update_deployment("demo", keep_alive_s=0)
+        deadline = time.monotonic() + 60
+        while client.list_instances("demo") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not client.list_instances("demo")
+    proc.kill()  # no goodbye: the controller's state still says local-0 is up
+    proc.wait(timeout=30)
+    for pid in processes_using(cache):  # its worker, in a session of its own, dies too
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while processes_using(cache) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc, lines = start_serve(cache, "--demo", "--workers", "1")  # fails here if the demo request failed
+    try:
+        assert any(line.startswith("cold start request on local-0") for line in lines), "\n".join(lines)
     finally:
         stop(proc)
 
