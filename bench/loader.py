@@ -56,8 +56,6 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-MADV_HUGEPAGE, MADV_POPULATE_WRITE, HUGE = 14, 23, 2 << 20
 
 
 def resident_bytes(path: Path) -> int:
@@ -274,15 +272,11 @@ class RawReader:
         # One buffer, touched once and reused by every read (no page faults while timed). Note
         # that on VMs the speed of reads into a buffer can depend on how the host backs its pages
         # (2x apart between two buffers of one process, measured): rounds keep the same buffer.
+        from ember.loader.hostmem import HostBuffer
+
         size = max(sum(self.sizes), mmap.PAGESIZE)
-        self.buf = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
-        skew = (-base) % HUGE
-        if huge:
-            _libc.madvise(base + skew, size, MADV_HUGEPAGE)
-        if _libc.madvise(base + skew, size, MADV_POPULATE_WRITE) != 0:
-            ctypes.memset(base + skew, 0, size)
-        self.view = memoryview(self.buf)[skew : skew + size]
+        self.buf = with_hugepages("1" if huge else "0", lambda: HostBuffer(size, populate=True))()
+        self.view = self.buf.view()
 
     def read(self, threads: int, chunk: int) -> int:
         jobs, base = [], 0

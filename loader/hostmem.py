@@ -31,6 +31,7 @@ finaliser, and tensors made by `torch.frombuffer` keep that owner alive.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import threading
@@ -96,13 +97,9 @@ def use_hugepages() -> bool:
     return not _reporting()
 
 
-_reporting_cache: list[bool] = []
-
-
+@functools.cache
 def _reporting() -> bool:
-    if not _reporting_cache:
-        _reporting_cache.append(free_page_reporting())
-    return _reporting_cache[0]
+    return free_page_reporting()
 
 
 def prefault(address: int, nbytes: int) -> None:

@@ -19,6 +19,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def upload_checkpoint(checkpoint: Path, prefix: str = "m"):
+    """Upload a checkpoint directory into a new bucket of the session's S3 server (s3_server
+    points boto3 at it); returns its ember.worker.s3_source.S3Location (str() gives the URI)."""
+    import uuid
+
+    import boto3
+
+    from ember.worker.s3_source import S3Location
+
+    bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    for f in sorted(checkpoint.iterdir()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+    return S3Location(bucket, prefix)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real moto S3 server on a free loopback port; yields its endpoint URL.

@@ -27,11 +27,11 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import upload_checkpoint
 from faults.s3_fault_proxy import S3FaultProxy
 
 from ember.api import worker_pb2 as pb
@@ -82,17 +82,6 @@ class Stream:
         return "".join(e["text"] for e in self.events if e["kind"] == "text"), self.events[-1]
 
 
-def upload(checkpoint: Path) -> str:
-    import boto3
-
-    bucket = f"sched-mig-{uuid.uuid4().hex[:8]}"
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=bucket)
-    for f in checkpoint.iterdir():
-        s3.upload_file(str(f), bucket, f"b/{f.name}")
-    return f"s3://{bucket}/b"
-
-
 def one_instance_budget_gb(checkpoint: Path) -> float:
     """A worker memory budget that holds one instance of the checkpoint and has no room for a
     second one, neither for the worker nor for the controller (which counts memory_factor x the
@@ -108,7 +97,7 @@ def one_instance_budget_gb(checkpoint: Path) -> float:
 
 def test_the_scheduler_migrates_a_running_stream_to_start_a_model_where_it_is_cached(
         launch_controller, launch_worker, s3_server, migration_checkpoint: Path) -> None:
-    b_uri = upload(migration_checkpoint)
+    b_uri = str(upload_checkpoint(migration_checkpoint, prefix="b"))
     with S3FaultProxy(s3_server) as proxy:
         proxy.faults.delay_s = S3_DELAY_S
         controller = launch_controller(args=["--node-timeout", "10", "--max-tokens-cap", str(MAX_TOKENS),

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import upload_checkpoint
 
 from ember.ckpt_format.errors import CorruptChunkError
 from ember.ckpt_format.index import open_checkpoint
@@ -18,7 +18,7 @@ from ember.ckpt_format.reader import read_state_dict
 from ember.loader import DramPool, last_load_stats, load_state_dict
 from ember.worker.disk_cache import TMP_DIR
 from ember.worker.model_store import ModelStore
-from ember.worker.s3_source import S3Location, S3Source
+from ember.worker.s3_source import S3Source
 from ember.worker.write_through import fetch_through_pool
 
 # Ranges that are not multiples of the checksum chunk (16 KiB) nor of the page size: verification
@@ -48,14 +48,6 @@ def s3(s3_server):
     return boto3.client("s3")
 
 
-def upload(client, checkpoint: Path, prefix: str = "m") -> S3Location:
-    bucket = f"wt-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=bucket)
-    for f in sorted(checkpoint.iterdir()):
-        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")
-    return S3Location(bucket, prefix)
-
-
 def store_with_pool(tmp_path: Path, pool: DramPool) -> ModelStore:
     return ModelStore(tmp_path / "cache", disk_capacity_bytes=64 << 20, dram_pool=pool,
                       s3=S3Source(threads=4, part_bytes=PART_BYTES))
@@ -69,7 +61,7 @@ def pooled_bytes(pool: DramPool, checkpoint: Path) -> list[bytes]:
 
 def test_a_fetch_leaves_the_checkpoint_in_the_pool_and_the_load_is_a_dram_hit(tmp_path, s3, make_checkpoint):
     ckpt = make_checkpoint(tensors(0), partitions=2)
-    location = upload(s3, ckpt)
+    location = upload_checkpoint(ckpt)
     pool = DramPool(64 << 20, pin=False)
     store = store_with_pool(tmp_path, pool)
 
@@ -97,7 +89,7 @@ def test_a_corrupt_object_in_s3_is_refused_naming_it_and_the_pool_is_unchanged(t
     part = index.partitions[1].file
     chunk = index.num_chunks(1) - 3
     start, end = index.chunk_range(1, chunk)
-    location = upload(s3, ckpt)
+    location = upload_checkpoint(ckpt)
     data = bytearray((ckpt / part).read_bytes())
     data[(start + end) // 2] ^= 0x01  # one flipped bit: the size still matches
     s3.put_object(Bucket=location.bucket, Key=location.key(part), Body=bytes(data))
@@ -125,7 +117,7 @@ def test_a_corrupt_object_in_s3_is_refused_naming_it_and_the_pool_is_unchanged(t
 
 def test_a_checkpoint_larger_than_the_pool_is_fetched_to_disk_only(tmp_path, s3, make_checkpoint):
     ckpt = make_checkpoint(tensors(3), partitions=2)
-    location = upload(s3, ckpt)
+    location = upload_checkpoint(ckpt)
     pool = DramPool(open_checkpoint(ckpt).total_bytes - 4096, pin=False)
     store = store_with_pool(tmp_path, pool)
 
@@ -140,7 +132,7 @@ def test_a_checkpoint_larger_than_the_pool_is_fetched_to_disk_only(tmp_path, s3,
 
 def test_without_a_pool_the_fetch_is_the_plain_download(tmp_path, s3, make_checkpoint):
     ckpt = make_checkpoint(tensors(4))
-    location = upload(s3, ckpt)
+    location = upload_checkpoint(ckpt)
     source = S3Source(threads=2, part_bytes=PART_BYTES)
     plan = source.plan(location)
     stats = fetch_through_pool(source, None, location, tmp_path / "out", plan, load_path=tmp_path / "out")
@@ -153,7 +145,7 @@ def test_an_already_pooled_checkpoint_is_not_filled_twice(tmp_path, s3, make_che
     """The disk cache dropped an entry the pool still holds: the new download refreshes the disk
     copy, the pool keeps its (verified) slabs and the load is still a DRAM hit."""
     ckpt = make_checkpoint(tensors(5))
-    location = upload(s3, ckpt)
+    location = upload_checkpoint(ckpt)
     pool = DramPool(64 << 20, pin=False)
     store = store_with_pool(tmp_path, pool)
     first = asyncio.run(store.locate(str(location)))
@@ -175,7 +167,7 @@ def test_an_object_of_the_wrong_size_is_left_to_the_load_to_name(tmp_path, s3, m
     from ember.ckpt_format.errors import PartitionSizeError
 
     ckpt = make_checkpoint(tensors(6))
-    location = upload(s3, ckpt)
+    location = upload_checkpoint(ckpt)
     part = open_checkpoint(ckpt).partitions[0].file
     s3.put_object(Bucket=location.bucket, Key=location.key(part), Body=(ckpt / part).read_bytes()[:-4096])
     pool = DramPool(64 << 20, pin=False)

@@ -5,11 +5,10 @@ client a clear error naming S3, and nothing hangs."""
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-from conftest import AUTH_HEADERS
+from conftest import AUTH_HEADERS, upload_checkpoint
 from s3_fault_proxy import S3FaultProxy
 
 
@@ -23,20 +22,9 @@ def wait_for(condition, what: str, timeout: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def upload(checkpoint: Path) -> str:
-    import boto3
-
-    bucket = f"faults-{uuid.uuid4().hex[:8]}"
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=bucket)
-    for f in checkpoint.iterdir():
-        s3.upload_file(str(f), bucket, f"m/{f.name}")
-    return f"s3://{bucket}/m"
-
-
 def test_s3_errors_are_retried_then_reported_clearly(launch_controller, launch_worker, s3_server,
                                                      demo_checkpoint: Path) -> None:
-    uri, other_uri = upload(demo_checkpoint), upload(demo_checkpoint)
+    uri, other_uri = str(upload_checkpoint(demo_checkpoint)), str(upload_checkpoint(demo_checkpoint))
     with S3FaultProxy(s3_server) as proxy:
         controller = launch_controller(args=["--node-timeout", "10"])
         launch_worker(args=["--controller", controller.grpc_address, "--node-id", "s3-fault"],

@@ -7,15 +7,14 @@ the bucket/key and the setting to raise, after the bounded timeouts, never a han
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AUTH_HEADERS
+from conftest import AUTH_HEADERS, upload_checkpoint
 from s3_fault_proxy import S3FaultProxy
 
-from ember.worker.s3_source import S3Location, S3Settings, S3Source
+from ember.worker.s3_source import S3Settings, S3Source
 from ember.worker.store_errors import StoreError
 
 pytestmark = pytest.mark.timeout(240)
@@ -25,17 +24,6 @@ PART = "part-00000.bin"
 # loaded machine (a spurious timeout is one more retry, not a failure).
 TRANSIENT = S3Settings(connect_timeout_s=2.0, read_timeout_s=1.0, max_attempts=5)
 PERSISTENT = S3Settings(connect_timeout_s=2.0, read_timeout_s=0.5, max_attempts=3)
-
-
-def upload(checkpoint: Path) -> S3Location:
-    import boto3
-
-    bucket = f"timeouts-{uuid.uuid4().hex[:8]}"
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=bucket)
-    for f in checkpoint.iterdir():
-        s3.upload_file(str(f), bucket, f"m/{f.name}")
-    return S3Location(bucket, "m")
 
 
 @pytest.fixture
@@ -53,7 +41,7 @@ def assert_same_files(src: Path, dest: Path) -> None:
 def test_requests_left_unanswered_are_retried_and_the_fetch_is_exact(proxy, demo_checkpoint: Path,
                                                                      tmp_path: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     source = S3Source(threads=2, part_bytes=4 << 20, settings=TRANSIENT)
     plan = source.plan(location)
@@ -67,7 +55,7 @@ def test_requests_left_unanswered_are_retried_and_the_fetch_is_exact(proxy, demo
 def test_a_body_that_stalls_mid_stream_is_resumed_from_the_last_byte_written(proxy, demo_checkpoint: Path,
                                                                              tmp_path: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     source = S3Source(threads=2, part_bytes=4 << 20, settings=TRANSIENT)
     plan = source.plan(location)
@@ -87,7 +75,7 @@ def test_a_body_that_stalls_mid_stream_is_resumed_from_the_last_byte_written(pro
 
 def test_a_store_that_never_answers_fails_with_a_clear_error(proxy, demo_checkpoint: Path, tmp_path: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     source = S3Source(threads=2, part_bytes=4 << 20, settings=PERSISTENT)
     plan = source.plan(location)
@@ -102,7 +90,7 @@ def test_a_store_that_never_answers_fails_with_a_clear_error(proxy, demo_checkpo
 
 def test_a_body_that_keeps_stalling_fails_with_a_clear_error(proxy, demo_checkpoint: Path, tmp_path: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     source = S3Source(threads=1, part_bytes=16 << 20, settings=PERSISTENT)
     plan = source.plan(location)
@@ -118,7 +106,7 @@ def test_a_body_that_keeps_stalling_fails_with_a_clear_error(proxy, demo_checkpo
 
 def test_a_silent_store_fails_the_plan_clearly(proxy, demo_checkpoint: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     p.faults.match_all = True  # the listing and the index hang too
     p.faults.hang_all = True
@@ -135,7 +123,7 @@ def test_the_controllers_deploy_check_is_bounded_too(proxy, demo_checkpoint: Pat
     from ember.controller.errors import InvalidCheckpoint
 
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     # Its real bounds (5 s connect, 10 s read, 3 attempts) are fine but slow for a test.
     monkeypatch.setattr(registry, "S3_READ_TIMEOUT_S", 0.5)
@@ -162,7 +150,7 @@ def wait_for(condition, what: str, timeout: float = 120.0):
 
 def test_a_worker_rides_out_stalls_and_reports_a_silent_store(launch_controller, launch_worker, s3_server,
                                                               demo_checkpoint: Path) -> None:
-    uri, other_uri = str(upload(demo_checkpoint)), str(upload(demo_checkpoint))
+    uri, other_uri = str(upload_checkpoint(demo_checkpoint)), str(upload_checkpoint(demo_checkpoint))
     with S3FaultProxy(s3_server) as p:
         controller = launch_controller(args=["--node-timeout", "10"])
         # The timeout comes from the environment, as a Helm chart or `ember serve` would pass it.

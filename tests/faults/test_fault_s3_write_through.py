@@ -5,10 +5,10 @@ is cancelled leaves the pool as it was (no entry, no reservation) and no disk en
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
 import pytest
+from conftest import upload_checkpoint
 from s3_fault_proxy import S3FaultProxy
 
 from ember.ckpt_format.index import open_checkpoint
@@ -17,24 +17,13 @@ from ember.loader import DramPool, last_load_stats, load_state_dict
 from ember.loader.hostmem import HostBuffer
 from ember.worker.disk_cache import TMP_DIR
 from ember.worker.model_store import ModelStore
-from ember.worker.s3_source import S3Location, S3Settings, S3Source
+from ember.worker.s3_source import S3Settings, S3Source
 from ember.worker.store_errors import StoreError
 
 pytestmark = pytest.mark.timeout(240)
 
 TRANSIENT = S3Settings(connect_timeout_s=2.0, read_timeout_s=1.0, max_attempts=5)
 PERSISTENT = S3Settings(connect_timeout_s=2.0, read_timeout_s=0.5, max_attempts=2)
-
-
-def upload(checkpoint: Path) -> S3Location:
-    import boto3
-
-    bucket = f"wt-faults-{uuid.uuid4().hex[:8]}"
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=bucket)
-    for f in checkpoint.iterdir():
-        s3.upload_file(str(f), bucket, f"m/{f.name}")
-    return S3Location(bucket, "m")
 
 
 @pytest.fixture
@@ -64,7 +53,7 @@ def assert_pool_as_before(pool: DramPool, other: Path, kept: dict) -> None:
 
 def test_a_stalled_range_is_resumed_into_the_slab_exactly(proxy, demo_checkpoint: Path, tmp_path: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     source = S3Source(threads=2, part_bytes=4 << 20, settings=TRANSIENT)
     plan = source.plan(location)
@@ -84,7 +73,7 @@ def test_a_stalled_range_is_resumed_into_the_slab_exactly(proxy, demo_checkpoint
 
 def test_a_store_load_after_stalls_is_a_dram_hit(proxy, demo_checkpoint: Path, tmp_path: Path) -> None:
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     pool = DramPool(256 << 20, pin=False)
     store = ModelStore(tmp_path / "cache", 64 << 20, dram_pool=pool,
@@ -103,7 +92,7 @@ def test_a_failing_download_leaves_the_pool_consistent(proxy, demo_checkpoint: P
                                                        busy_pool) -> None:
     pool, other, kept = busy_pool
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     store = ModelStore(tmp_path / "cache", 64 << 20, dram_pool=pool,
                        s3=S3Source(threads=2, part_bytes=1 << 20, settings=PERSISTENT))
@@ -126,7 +115,7 @@ def test_a_cancelled_download_leaves_the_pool_consistent(proxy, demo_checkpoint:
                                                          busy_pool) -> None:
     pool, other, kept = busy_pool
     p, through_proxy = proxy
-    location = upload(demo_checkpoint)
+    location = upload_checkpoint(demo_checkpoint)
     through_proxy()
     total = open_checkpoint(demo_checkpoint).total_bytes
     store = ModelStore(tmp_path / "cache", 64 << 20, dram_pool=pool,
