@@ -107,11 +107,15 @@ def test_the_cold_start_lands_where_the_checkpoint_is_cached(cluster: Cluster, d
     b = cluster.workers["e2e-b"]
     list(b.stub().Load(pb.LoadRequest(instance_id="prime", deployment="prime", checkpoint_uri=uri), timeout=300))
     # The controller unloads instances it did not start (orphans) as soon as a heartbeat shows them,
-    # so it may have beaten us to it: either way, the instance is gone and the checkpoint stays cached.
+    # so it may have beaten us to it (the instance is gone) or be doing it (it is unloading): either
+    # way, the instance goes and the checkpoint stays cached.
     try:
         b.stub().Unload(pb.UnloadRequest(instance_id="prime"), timeout=60)
     except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+        unloading = exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "is unloading" in exc.details()
+        assert exc.code() == grpc.StatusCode.NOT_FOUND or unloading, exc
+    wait_for(lambda: all(i.id != "prime" for i in b.stub().Inventory(pb.InventoryRequest(), timeout=30).instances),
+             "the prime instance to be unloaded")
 
     def cached_on_b() -> bool:
         tiers = cluster.nodes()["e2e-b"]["tiers"]
